@@ -1,0 +1,1 @@
+//! modkit-outbox: transactional outbox engine (work in progress).

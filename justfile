@@ -1,0 +1,37 @@
+# modkit-outbox recipes. `just --list` shows them. None is needed by README's two commands.
+
+db_url := env_var_or_default("DATABASE_URL", "sqlite://outbox-demo.sqlite?mode=rwc")
+
+# Whole test suite on SQLite, PostgreSQL and MariaDB/MySQL
+test:
+    cargo test --workspace
+
+# Only the PostgreSQL variants of the backend matrix
+test-pg:
+    OUTBOX_REQUIRE_ALL_BACKENDS=1 cargo test --workspace -- postgres
+
+# Only the MySQL/MariaDB variants of the backend matrix
+test-mysql:
+    OUTBOX_REQUIRE_ALL_BACKENDS=1 cargo test --workspace -- mysql
+
+# Only the SQLite variants of the backend matrix
+test-sqlite:
+    cargo test --workspace -- sqlite
+
+# The demo: migrate, enqueue, process, print
+demo *ARGS:
+    cargo run -p modkit-outbox --example demo -- {{ARGS}}
+
+# Run the outbox migrations (up|down|status|fresh|refresh) against DATABASE_URL
+migrate CMD="up":
+    DATABASE_URL="{{db_url}}" cargo run -p modkit-outbox-migration -- {{CMD}}
+
+# Benchmark harness (release build)
+bench *ARGS:
+    cargo run --release -p outbox-bench -- {{ARGS}}
+
+# fmt, clippy and rustdoc, as CI runs them
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
