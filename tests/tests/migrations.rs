@@ -23,7 +23,10 @@ enum Ty {
 const N: bool = true; // nullable
 const R: bool = false; // required
 
-fn expected_columns() -> Vec<(&'static str, Vec<(&'static str, Ty, bool)>)> {
+/// (column, type, nullable)
+type ColumnSpec = (&'static str, Ty, bool);
+
+fn expected_columns() -> Vec<(&'static str, Vec<ColumnSpec>)> {
     use Ty::*;
     vec![
         (
