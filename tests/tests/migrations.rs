@@ -416,6 +416,13 @@ async fn assert_full_schema(db: &TestDb) {
     }
 
     for (table, col, reft) in EXPECTED_FKS {
+        if db.backend == Backend::MySql
+            && *table == "modkit_outbox_incoming"
+            && *col == "partition_id"
+        {
+            // Left out on MySQL on purpose (InnoDB's shared parent lock; see the MySQL DDL).
+            continue;
+        }
         let got = foreign_keys_of(db, table).await;
         assert!(
             got.iter().any(|(c, r)| c == col && r == reft),

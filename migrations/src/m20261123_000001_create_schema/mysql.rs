@@ -2,6 +2,12 @@
 //! so every index lives inside its `CREATE TABLE IF NOT EXISTS`, which both servers create
 //! atomically: after a crash a table exists with all its indexes or not at all.
 //! Times are `TIMESTAMP(6)` in UTC (sqlx sets the session time zone to `+00:00`).
+//!
+//! One deliberate difference: `incoming.partition_id` has no foreign key here. An InnoDB foreign
+//! key check takes a shared lock on the parent `partitions` row until the producer commits, and
+//! the sequencer must lock that same row exclusively to advance the partition's sequence, so
+//! every open producer transaction would hold the sequencer off its partition (and `SKIP LOCKED`
+//! would skip it). The engine only writes partition ids it registered itself.
 
 pub(super) const UP: &[&str] = &[
     r#"CREATE TABLE IF NOT EXISTS modkit_outbox_body (
@@ -25,8 +31,6 @@ pub(super) const UP: &[&str] = &[
         body_id BIGINT NOT NULL,
         KEY modkit_outbox_incoming_partition_idx (partition_id, id),
         KEY modkit_outbox_incoming_body_idx (body_id),
-        CONSTRAINT modkit_outbox_incoming_partition_fk FOREIGN KEY (partition_id)
-            REFERENCES modkit_outbox_partitions (id),
         CONSTRAINT modkit_outbox_incoming_body_fk FOREIGN KEY (body_id)
             REFERENCES modkit_outbox_body (id)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"#,

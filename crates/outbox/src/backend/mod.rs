@@ -1,0 +1,276 @@
+//! The portable core's view of the three backends: placeholders, identifier quoting, time values,
+//! locking clauses and transactions. Backend-specific statements and extras live in the mirrored
+//! modules `postgres.rs`, `mysql.rs` and `sqlite.rs`.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use sea_orm::{
+    AccessMode, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
+    IsolationLevel, QueryResult, SqliteTransactionMode, Statement, TransactionOptions,
+    TransactionTrait, Value,
+};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::error::{OutboxError, Result};
+
+pub(crate) mod mysql;
+pub(crate) mod postgres;
+pub(crate) mod sqlite;
+
+/// Which SQL dialect to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Postgres,
+    MySql,
+    Sqlite,
+}
+
+impl Dialect {
+    pub(crate) fn of(db: &impl ConnectionTrait) -> Result<Self> {
+        match db.get_database_backend() {
+            DbBackend::Postgres => Ok(Dialect::Postgres),
+            DbBackend::MySql => Ok(Dialect::MySql),
+            DbBackend::Sqlite => Ok(Dialect::Sqlite),
+            #[allow(unreachable_patterns)]
+            other => Err(OutboxError::UnsupportedBackend(format!("{other:?}"))),
+        }
+    }
+
+    pub(crate) fn backend(self) -> DbBackend {
+        match self {
+            Dialect::Postgres => DbBackend::Postgres,
+            Dialect::MySql => DbBackend::MySql,
+            Dialect::Sqlite => DbBackend::Sqlite,
+        }
+    }
+
+    /// A statement from SQL written with `?` placeholders (rewritten to `$n` on PostgreSQL).
+    /// The engine's SQL never contains a literal `?`.
+    pub(crate) fn stmt(self, sql: &str, values: Vec<Value>) -> Statement {
+        if self == Dialect::Postgres && sql.contains('?') {
+            let mut out = String::with_capacity(sql.len() + 16);
+            let mut n = 0;
+            for c in sql.chars() {
+                if c == '?' {
+                    n += 1;
+                    out.push('$');
+                    out.push_str(&n.to_string());
+                } else {
+                    out.push(c);
+                }
+            }
+            Statement::from_sql_and_values(self.backend(), out, values)
+        } else {
+            Statement::from_sql_and_values(self.backend(), sql, values)
+        }
+    }
+
+    /// Quotes an identifier that is a keyword on some backend (`partition`, `sequence`).
+    pub(crate) fn q(self, ident: &str) -> String {
+        match self {
+            Dialect::MySql => format!("`{ident}`"),
+            _ => format!("\"{ident}\""),
+        }
+    }
+
+    /// A point in time as a bind value. SQLite stores UTC RFC 3339 text with a fixed six-digit
+    /// fraction, so text comparison orders like time.
+    pub(crate) fn time(self, t: DateTime<Utc>) -> Value {
+        match self {
+            Dialect::Sqlite => Value::from(t.to_rfc3339_opts(SecondsFormat::Micros, true)),
+            _ => Value::from(t),
+        }
+    }
+
+    /// A typed SQL `NULL` for a time column (PostgreSQL rejects an untyped text null).
+    pub(crate) fn null_time(self) -> Value {
+        match self {
+            Dialect::Sqlite => Value::String(None),
+            _ => Value::ChronoDateTimeUtc(None),
+        }
+    }
+
+    /// `FOR UPDATE SKIP LOCKED` (PostgreSQL: `FOR NO KEY UPDATE`, which does not conflict with the
+    /// key-share locks foreign-key checks take); nothing on SQLite, where the write transaction
+    /// (`BEGIN IMMEDIATE`) already excludes every other writer.
+    pub(crate) fn lock_skip_locked(self) -> &'static str {
+        match self {
+            Dialect::Postgres => " FOR NO KEY UPDATE SKIP LOCKED",
+            Dialect::MySql => " FOR UPDATE SKIP LOCKED",
+            Dialect::Sqlite => "",
+        }
+    }
+
+    /// `INSERT … ` prefix/suffix that ignores rows violating a unique key.
+    pub(crate) fn insert_ignore(self, table_and_cols: &str, values: &str) -> String {
+        match self {
+            Dialect::Postgres => {
+                format!("INSERT INTO {table_and_cols} VALUES {values} ON CONFLICT DO NOTHING")
+            }
+            Dialect::MySql => format!("INSERT IGNORE INTO {table_and_cols} VALUES {values}"),
+            Dialect::Sqlite => format!("INSERT OR IGNORE INTO {table_and_cols} VALUES {values}"),
+        }
+    }
+}
+
+/// `?, ?, …` with `n` placeholders, for `IN (…)` lists.
+pub(crate) fn placeholders(n: usize) -> String {
+    let mut s = String::with_capacity(n * 3);
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('?');
+    }
+    s
+}
+
+/// Reads a time column written by [`Dialect::time`] (or by the database).
+pub(crate) fn get_time(row: &QueryResult, col: &str) -> std::result::Result<DateTime<Utc>, DbErr> {
+    row.try_get::<DateTime<Utc>>("", col)
+}
+
+pub(crate) fn get_opt_time(
+    row: &QueryResult,
+    col: &str,
+) -> std::result::Result<Option<DateTime<Utc>>, DbErr> {
+    row.try_get::<Option<DateTime<Utc>>>("", col)
+}
+
+/// Database access of the engine's own background work: the pool plus, on SQLite, a gate that
+/// serializes the engine's write transactions (SQLite has one writer; a pool of connections
+/// fighting for it only adds `SQLITE_BUSY` and latency).
+#[derive(Clone)]
+pub(crate) struct Db {
+    pub(crate) conn: DatabaseConnection,
+    pub(crate) dialect: Dialect,
+    gate: Option<Arc<Mutex<()>>>,
+}
+
+/// An engine write transaction; on SQLite it also holds the write gate until it ends.
+pub(crate) struct WriteTxn {
+    pub(crate) txn: DatabaseTransaction,
+    _gate: Option<OwnedMutexGuard<()>>,
+}
+
+impl WriteTxn {
+    pub(crate) async fn commit(self) -> std::result::Result<(), DbErr> {
+        self.txn.commit().await
+    }
+
+    pub(crate) async fn rollback(self) -> std::result::Result<(), DbErr> {
+        self.txn.rollback().await
+    }
+}
+
+impl Db {
+    pub(crate) fn new(conn: DatabaseConnection, dialect: Dialect) -> Self {
+        let gate = (dialect == Dialect::Sqlite).then(|| Arc::new(Mutex::new(())));
+        Self {
+            conn,
+            dialect,
+            gate,
+        }
+    }
+
+    /// Begins an engine write transaction: READ COMMITTED on MySQL (fresh data after each lock,
+    /// no gap locks against producers), the default READ COMMITTED on PostgreSQL, `BEGIN
+    /// IMMEDIATE` behind the write gate on SQLite.
+    pub(crate) async fn begin_write(&self) -> std::result::Result<WriteTxn, DbErr> {
+        let gate = match &self.gate {
+            Some(g) => Some(g.clone().lock_owned().await),
+            None => None,
+        };
+        let txn = match self.dialect {
+            Dialect::MySql => {
+                self.conn
+                    .begin_with_config(Some(IsolationLevel::ReadCommitted), None)
+                    .await?
+            }
+            Dialect::Postgres => self.conn.begin().await?,
+            Dialect::Sqlite => {
+                self.conn
+                    .begin_with_options(TransactionOptions {
+                        isolation_level: None,
+                        access_mode: None::<AccessMode>,
+                        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                    })
+                    .await?
+            }
+        };
+        Ok(WriteTxn { txn, _gate: gate })
+    }
+
+    /// Executes one write statement outside a transaction; on SQLite behind the write gate.
+    pub(crate) async fn exec_write(
+        &self,
+        sql: &str,
+        values: Vec<Value>,
+    ) -> std::result::Result<u64, DbErr> {
+        let _gate = match &self.gate {
+            Some(g) => Some(g.clone().lock_owned().await),
+            None => None,
+        };
+        execute(&self.conn, self.dialect, sql, values).await
+    }
+
+    pub(crate) async fn query_all(
+        &self,
+        sql: &str,
+        values: Vec<Value>,
+    ) -> std::result::Result<Vec<QueryResult>, DbErr> {
+        self.conn
+            .query_all_raw(self.dialect.stmt(sql, values))
+            .await
+    }
+}
+
+/// Runs a query on any connection or transaction.
+pub(crate) async fn query_all<C: ConnectionTrait>(
+    c: &C,
+    d: Dialect,
+    sql: &str,
+    values: Vec<Value>,
+) -> std::result::Result<Vec<QueryResult>, DbErr> {
+    c.query_all_raw(d.stmt(sql, values)).await
+}
+
+/// Executes a statement on any connection or transaction; returns rows affected.
+pub(crate) async fn execute<C: ConnectionTrait>(
+    c: &C,
+    d: Dialect,
+    sql: &str,
+    values: Vec<Value>,
+) -> std::result::Result<u64, DbErr> {
+    Ok(c.execute_raw(d.stmt(sql, values)).await?.rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_on_postgres_only() {
+        let s = Dialect::Postgres.stmt("SELECT ? + ?", vec![1.into(), 2.into()]);
+        assert_eq!(s.sql, "SELECT $1 + $2");
+        let s = Dialect::MySql.stmt("SELECT ? + ?", vec![1.into(), 2.into()]);
+        assert_eq!(s.sql, "SELECT ? + ?");
+        assert_eq!(placeholders(3), "?, ?, ?");
+    }
+
+    #[test]
+    fn sqlite_times_sort_as_text() {
+        let a = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let b = a + chrono::Duration::microseconds(1);
+        let (Value::String(Some(x)), Value::String(Some(y))) =
+            (Dialect::Sqlite.time(a), Dialect::Sqlite.time(b))
+        else {
+            panic!("sqlite times are text");
+        };
+        assert!(x < y, "{x} < {y}");
+        assert_eq!(x.len(), y.len());
+    }
+}

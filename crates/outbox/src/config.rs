@@ -1,0 +1,204 @@
+//! Engine configuration and its documented defaults.
+
+use std::time::Duration;
+
+use crate::error::{OutboxError, Result};
+
+/// Largest payload accepted by default (1 MiB).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+/// Largest partition count a queue may have.
+pub const MAX_PARTITIONS: u32 = 4096;
+/// Messages handed to a handler per batch (per partition).
+pub const DEFAULT_BATCH_SIZE: usize = 256;
+/// Incoming rows the sequencer moves per partition in one pass.
+pub const DEFAULT_SEQUENCER_BATCH: usize = 1000;
+/// Delivery attempts before a message is dead-lettered (the first delivery counts).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
+/// Backoff before the second attempt; doubles per attempt, with ±25 % jitter.
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// Upper bound of the retry backoff.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How long a processor lease lasts without renewal (leased mode). Renewed every third of it
+/// while a handler runs; a crashed instance's partitions are taken over after it expires.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// Fallback poll: how often every instance reconciles unsequenced and unprocessed rows, so a
+/// missed wake-up (another MySQL/SQLite instance, a lost `NOTIFY`) costs at most this long.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Rows vacuum deletes per transaction.
+pub const DEFAULT_VACUUM_CHUNK: usize = 1000;
+/// Longest the vacuum waits between runs when nothing wakes it.
+pub const DEFAULT_VACUUM_INTERVAL: Duration = Duration::from_secs(1);
+/// How often vacuum looks for bodies no incoming/outgoing row references.
+pub const DEFAULT_ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(600);
+/// Bodies younger than this are never collected as orphans.
+pub const DEFAULT_ORPHAN_MIN_AGE: Duration = Duration::from_secs(3600);
+/// How long `stop()` lets in-flight batches finish before aborting them.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Retry policy of a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Delivery attempts before the message is dead-lettered (≥ 1).
+    pub max_attempts: u32,
+    /// Backoff before the second attempt.
+    pub backoff_base: Duration,
+    /// Upper bound of the backoff.
+    pub backoff_max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            backoff_base: DEFAULT_BACKOFF_BASE,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Backoff after `attempts` failed attempts (1-based): `base · 2^(attempts-1)`, capped at
+    /// `backoff_max`, then scaled by a random factor in [0.75, 1.25).
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let exp = attempts.saturating_sub(1).min(30);
+        let raw = self
+            .backoff_base
+            .saturating_mul(1u32 << exp)
+            .min(self.backoff_max);
+        let jitter: f64 = rand::random_range(0.75..1.25);
+        raw.mul_f64(jitter)
+    }
+}
+
+/// Engine-wide settings. Every field has a documented default constant.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Largest payload accepted by `enqueue` ([`DEFAULT_MAX_PAYLOAD_BYTES`]).
+    pub max_payload_bytes: usize,
+    /// Messages per handler batch ([`DEFAULT_BATCH_SIZE`]).
+    pub batch_size: usize,
+    /// Incoming rows sequenced per partition per pass ([`DEFAULT_SEQUENCER_BATCH`]).
+    pub sequencer_batch: usize,
+    /// Lease duration in leased mode ([`DEFAULT_LEASE_TTL`]).
+    pub lease_ttl: Duration,
+    /// Fallback poll interval ([`DEFAULT_POLL_INTERVAL`]).
+    pub poll_interval: Duration,
+    /// Rows per vacuum transaction ([`DEFAULT_VACUUM_CHUNK`]).
+    pub vacuum_chunk: usize,
+    /// Longest pause between vacuum runs ([`DEFAULT_VACUUM_INTERVAL`]).
+    pub vacuum_interval: Duration,
+    /// Orphaned-body sweep interval ([`DEFAULT_ORPHAN_SWEEP_INTERVAL`]).
+    pub orphan_sweep_interval: Duration,
+    /// Minimum age of a body collected as orphan ([`DEFAULT_ORPHAN_MIN_AGE`]).
+    pub orphan_min_age: Duration,
+    /// Grace period of `stop()` ([`DEFAULT_SHUTDOWN_TIMEOUT`]).
+    pub shutdown_timeout: Duration,
+    /// Default retry policy of queues that set none.
+    pub retry: RetryPolicy,
+    /// Lease owner name of this instance; a random unique one when `None`. At most 64 bytes.
+    pub instance_id: Option<String>,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            batch_size: DEFAULT_BATCH_SIZE,
+            sequencer_batch: DEFAULT_SEQUENCER_BATCH,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            poll_interval: DEFAULT_POLL_INTERVAL,
+            vacuum_chunk: DEFAULT_VACUUM_CHUNK,
+            vacuum_interval: DEFAULT_VACUUM_INTERVAL,
+            orphan_sweep_interval: DEFAULT_ORPHAN_SWEEP_INTERVAL,
+            orphan_min_age: DEFAULT_ORPHAN_MIN_AGE,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            retry: RetryPolicy::default(),
+            instance_id: None,
+        }
+    }
+}
+
+impl OutboxConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(OutboxError::InvalidConfig(m.to_owned()));
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return bad("batch_size must be 1..=10000");
+        }
+        if self.sequencer_batch == 0 || self.sequencer_batch > 10_000 {
+            return bad("sequencer_batch must be 1..=10000");
+        }
+        if self.vacuum_chunk == 0 || self.vacuum_chunk > 10_000 {
+            return bad("vacuum_chunk must be 1..=10000");
+        }
+        if self.lease_ttl < Duration::from_millis(300) {
+            return bad("lease_ttl must be at least 300 ms");
+        }
+        if self.poll_interval.is_zero() || self.vacuum_interval.is_zero() {
+            return bad("poll_interval and vacuum_interval must be positive");
+        }
+        if self.max_payload_bytes == 0 {
+            return bad("max_payload_bytes must be positive");
+        }
+        validate_retry(&self.retry)?;
+        if let Some(id) = &self.instance_id
+            && (id.is_empty() || id.len() > 64)
+        {
+            return bad("instance_id must be 1..=64 bytes");
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn validate_retry(r: &RetryPolicy) -> Result<()> {
+    if r.max_attempts == 0 {
+        return Err(OutboxError::InvalidConfig(
+            "retry.max_attempts must be at least 1".into(),
+        ));
+    }
+    if r.backoff_base > r.backoff_max {
+        return Err(OutboxError::InvalidConfig(
+            "retry.backoff_base must not exceed retry.backoff_max".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let p = RetryPolicy {
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+        };
+        for _ in 0..100 {
+            let b1 = p.backoff(1);
+            assert!(b1 >= Duration::from_millis(75) && b1 < Duration::from_millis(125));
+            let b3 = p.backoff(3);
+            assert!(b3 >= Duration::from_millis(300) && b3 < Duration::from_millis(500));
+            let b30 = p.backoff(u32::MAX);
+            assert!(b30 < Duration::from_millis(1250));
+        }
+    }
+
+    #[test]
+    fn config_validation_rejects_nonsense() {
+        assert!(OutboxConfig::default().validate().is_ok());
+        let c = OutboxConfig {
+            batch_size: 0,
+            ..Default::default()
+        };
+        assert!(matches!(c.validate(), Err(OutboxError::InvalidConfig(_))));
+        let c = OutboxConfig {
+            retry: RetryPolicy {
+                max_attempts: 0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,168 @@
+//! Enqueue: body and incoming rows written inside the caller's transaction.
+//!
+//! Batch ids pair with their bodies on every backend without assuming consecutive ids:
+//! PostgreSQL and SQLite return the inserted ids (`RETURNING`), MySQL reads back the rows tagged
+//! with the batch's random token. Ids are assigned in row order, so sorting them pairs id *k*
+//! with message *k*, and a producer's messages keep their order in `incoming`.
+
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait, Value};
+
+use crate::backend::{Dialect, mysql, postgres, query_all};
+use crate::error::{OutboxError, Result};
+use crate::message::{MessageId, NewMessage, encode_headers};
+
+/// Rows per insert statement (keeps every backend well below its bind-parameter limit).
+pub(crate) const ENQUEUE_CHUNK: usize = 1000;
+
+/// A connection or transaction messages can be enqueued on.
+///
+/// Pass the transaction that writes your business rows: the messages then commit or roll back
+/// with it. On a bare [`DatabaseConnection`] the outbox opens (and commits) a transaction of its
+/// own, so a batch is still all-or-nothing.
+pub trait EnqueueConn: ConnectionTrait + TransactionTrait + Sync {
+    /// Whether this is already a transaction.
+    fn in_transaction(&self) -> bool;
+}
+
+impl EnqueueConn for DatabaseTransaction {
+    fn in_transaction(&self) -> bool {
+        true
+    }
+}
+
+impl EnqueueConn for DatabaseConnection {
+    fn in_transaction(&self) -> bool {
+        false
+    }
+}
+
+/// A validated message with its partition's row id resolved.
+pub(crate) struct Resolved<'a> {
+    pub(crate) msg: &'a NewMessage,
+    pub(crate) partition_id: i64,
+    pub(crate) headers: Option<String>,
+}
+
+/// Writes the rows; returns the body ids in message order.
+pub(crate) async fn insert<C: ConnectionTrait>(
+    c: &C,
+    d: Dialect,
+    msgs: &[Resolved<'_>],
+) -> Result<Vec<MessageId>> {
+    let now = chrono::Utc::now();
+    if d == Dialect::Postgres && msgs.len() == 1 {
+        let m = &msgs[0];
+        let rows = query_all(
+            c,
+            d,
+            postgres::ENQUEUE_ONE,
+            vec![
+                Value::from(m.msg.payload.to_vec()),
+                Value::from(m.msg.payload_type.as_str()),
+                Value::from(m.headers.clone()),
+                d.time(now),
+                Value::from(m.partition_id),
+            ],
+        )
+        .await?;
+        let id = rows
+            .first()
+            .map(|r| r.try_get::<i64>("", "id"))
+            .transpose()?
+            .ok_or_else(|| sea_orm::DbErr::RecordNotInserted)?;
+        return Ok(vec![id]);
+    }
+
+    let mut ids = Vec::with_capacity(msgs.len());
+    for chunk in msgs.chunks(ENQUEUE_CHUNK) {
+        let body_ids = insert_bodies(c, d, chunk, now).await?;
+        let values = vec!["(?, ?)"; chunk.len()].join(", ");
+        let mut args = Vec::with_capacity(2 * chunk.len());
+        for (m, id) in chunk.iter().zip(&body_ids) {
+            args.push(Value::from(m.partition_id));
+            args.push(Value::from(*id));
+        }
+        let sql = if d == Dialect::Postgres {
+            format!(
+                "WITH i AS (INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES {values}) {}",
+                postgres::NOTIFY_INCOMING
+            )
+        } else {
+            format!("INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES {values}")
+        };
+        if d == Dialect::Postgres {
+            query_all(c, d, &sql, args).await?;
+        } else {
+            crate::backend::execute(c, d, &sql, args).await?;
+        }
+        ids.extend(body_ids);
+    }
+    Ok(ids)
+}
+
+async fn insert_bodies<C: ConnectionTrait>(
+    c: &C,
+    d: Dialect,
+    chunk: &[Resolved<'_>],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<i64>> {
+    let token: Option<i64> =
+        (d == Dialect::MySql && chunk.len() > 1).then(|| rand::random_range(1..i64::MAX));
+    let mut args = Vec::with_capacity(5 * chunk.len());
+    for m in chunk {
+        args.push(Value::from(m.msg.payload.to_vec()));
+        args.push(Value::from(m.msg.payload_type.as_str()));
+        args.push(Value::from(m.headers.clone()));
+        args.push(Value::from(token));
+        args.push(d.time(now));
+    }
+    let values = vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+    let insert = format!(
+        "INSERT INTO modkit_outbox_body (payload, payload_type, headers, batch_token, created_at) VALUES {values}"
+    );
+    let mut ids: Vec<i64> = match d {
+        Dialect::Postgres | Dialect::Sqlite => {
+            let rows = query_all(c, d, &format!("{insert} RETURNING id"), args).await?;
+            rows.iter()
+                .map(|r| r.try_get::<i64>("", "id"))
+                .collect::<std::result::Result<_, _>>()?
+        }
+        Dialect::MySql => {
+            let res = c.execute_raw(d.stmt(&insert, args)).await?;
+            let first = res.last_insert_id() as i64;
+            match token {
+                None => vec![first],
+                Some(t) => {
+                    let rows = query_all(
+                        c,
+                        d,
+                        mysql::BATCH_IDS,
+                        vec![
+                            Value::from(first),
+                            Value::from(t),
+                            Value::from(chunk.len() as u64),
+                        ],
+                    )
+                    .await?;
+                    rows.iter()
+                        .map(|r| r.try_get::<i64>("", "id"))
+                        .collect::<std::result::Result<_, _>>()?
+                }
+            }
+        }
+    };
+    if ids.len() != chunk.len() {
+        return Err(OutboxError::Db(sea_orm::DbErr::Custom(format!(
+            "enqueue: inserted {} bodies but read back {} ids",
+            chunk.len(),
+            ids.len()
+        ))));
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Chooses the headers column value once per message.
+pub(crate) fn resolved_headers(m: &NewMessage) -> Option<String> {
+    encode_headers(&m.headers)
+}

@@ -1,0 +1,152 @@
+//! Handler traits: per-message and batch, for leased (at-least-once) and transactional
+//! (exactly-once database side effects) processing.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sea_orm::{DatabaseTransaction, TransactionTrait};
+
+use crate::message::Message;
+
+/// What a handler decided about one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: the partition cursor moves past the message.
+    Ack,
+    /// Try again later with backoff; after the queue's `max_attempts` the message is
+    /// dead-lettered. The partition waits (head-of-line) meanwhile.
+    Retry(String),
+    /// Give up now: the message goes to the dead letters and the partition moves on.
+    Reject(String),
+}
+
+/// Error type a handler may return; treated like [`Outcome::Retry`] with its text.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a handler returns per message.
+pub type HandlerResult = Result<Outcome, HandlerError>;
+
+/// Per-message handler for leased (at-least-once) processing. Runs outside any database
+/// transaction while the instance holds the partition's lease; a message can be delivered again
+/// after a crash, so make the effect idempotent (e.g. keyed by [`Message::id`]).
+#[async_trait]
+pub trait LeasedHandler: Send + Sync + 'static {
+    /// Handles one message.
+    async fn handle(&self, msg: &Message) -> HandlerResult;
+}
+
+/// Batch handler for leased processing: receives up to `batch_size` consecutive messages of one
+/// partition and returns one result per message, in order. Results are applied in order: `Ack`
+/// and `Reject` move on, the first `Retry`/error stops there and the rest of the batch is
+/// delivered again later. A shorter result list leaves the unanswered messages for later
+/// without counting an attempt.
+#[async_trait]
+pub trait LeasedBatchHandler: Send + Sync + 'static {
+    /// Handles consecutive messages of one partition.
+    async fn handle_batch(&self, msgs: &[Message]) -> Vec<HandlerResult>;
+}
+
+/// Per-message handler for transactional processing: `txn` is the transaction that also advances
+/// the partition cursor, so the handler's writes commit exactly when the message is acknowledged.
+/// Each message runs inside its own savepoint: on `Retry`, `Reject` or an error the handler's
+/// writes for that message are rolled back.
+#[async_trait]
+pub trait TransactionalHandler: Send + Sync + 'static {
+    /// Handles one message inside `txn`.
+    async fn handle(&self, txn: &DatabaseTransaction, msg: &Message) -> HandlerResult;
+}
+
+/// Batch handler for transactional processing. The batch runs inside one savepoint; if every
+/// result is `Ack` its writes commit with the cursor. Otherwise the savepoint is rolled back and
+/// the batch is replayed one message at a time (each in its own savepoint), so acknowledged
+/// messages keep their writes exactly once and retried or rejected ones leave none.
+#[async_trait]
+pub trait TransactionalBatchHandler: Send + Sync + 'static {
+    /// Handles consecutive messages of one partition inside `txn`.
+    async fn handle_batch(&self, txn: &DatabaseTransaction, msgs: &[Message])
+    -> Vec<HandlerResult>;
+}
+
+#[async_trait]
+impl<F, Fut> LeasedHandler for F
+where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = HandlerResult> + Send + 'static,
+{
+    async fn handle(&self, msg: &Message) -> HandlerResult {
+        (self)(msg.clone()).await
+    }
+}
+
+/// The handler a queue runs, in the engine's internal (batch) shape.
+#[derive(Clone)]
+pub(crate) enum QueueHandler {
+    Leased(Arc<dyn LeasedBatchHandler>),
+    /// `per_message` handlers manage their own savepoints (one per message).
+    Transactional {
+        handler: Arc<dyn TransactionalBatchHandler>,
+        per_message: bool,
+    },
+}
+
+/// Adapts a per-message leased handler to the batch shape.
+pub(crate) struct LeasedPerMessage<H>(pub H);
+
+#[async_trait]
+impl<H: LeasedHandler> LeasedBatchHandler for LeasedPerMessage<H> {
+    async fn handle_batch(&self, msgs: &[Message]) -> Vec<HandlerResult> {
+        let mut out = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let r = crate::processor::catch_panic(self.0.handle(m)).await;
+            let stop = !matches!(r, Ok(Outcome::Ack) | Ok(Outcome::Reject(_)));
+            out.push(r);
+            if stop {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// Adapts a per-message transactional handler: one savepoint per message.
+pub(crate) struct TransactionalPerMessage<H>(pub H);
+
+#[async_trait]
+impl<H: TransactionalHandler> TransactionalBatchHandler for TransactionalPerMessage<H> {
+    async fn handle_batch(
+        &self,
+        txn: &DatabaseTransaction,
+        msgs: &[Message],
+    ) -> Vec<HandlerResult> {
+        let mut out = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let sp = match txn.begin().await {
+                Ok(sp) => sp,
+                Err(e) => {
+                    out.push(Err(Box::new(e) as HandlerError));
+                    break;
+                }
+            };
+            let r = crate::processor::catch_panic(self.0.handle(&sp, m)).await;
+            let r = match r {
+                Ok(Outcome::Ack) => match sp.commit().await {
+                    Ok(()) => Ok(Outcome::Ack),
+                    Err(e) => Err(Box::new(e) as HandlerError),
+                },
+                other => {
+                    if let Err(e) = sp.rollback().await {
+                        out.push(Err(Box::new(e) as HandlerError));
+                        break;
+                    }
+                    other
+                }
+            };
+            let stop = !matches!(r, Ok(Outcome::Ack) | Ok(Outcome::Reject(_)));
+            out.push(r);
+            if stop {
+                break;
+            }
+        }
+        out
+    }
+}

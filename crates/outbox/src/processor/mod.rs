@@ -1,0 +1,650 @@
+//! Processors: one task per partition of every queue with a handler, and at most one active
+//! processor per partition across all instances.
+//!
+//! * **Leased** (at-least-once): the instance takes the partition's lease (`lease.rs`), runs the
+//!   handler outside any transaction while renewing the lease every third of its TTL, and acks
+//!   with an ownership-guarded update. A lost lease cancels the running handler. The lease is
+//!   released when the partition runs dry, when a retry backoff starts and on `stop()`.
+//! * **Transactional** (exactly-once database side effects): the handler runs inside the
+//!   transaction that advances the cursor, under a `SKIP LOCKED` row lock on the partition's
+//!   `processor` row, each message inside a savepoint.
+//!
+//! An idle partition costs one read when woken and no write. Retries wait head-of-line with
+//! backoff (`retry_at`), which new arrivals do not cut short.
+
+pub(crate) mod lease;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait, Value};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Db, execute, get_opt_time, get_time, query_all};
+use crate::error::{OutboxError, Result};
+use crate::handler::{HandlerError, HandlerResult, Outcome, QueueHandler};
+use crate::message::{Message, decode_headers};
+use crate::outbox::Inner;
+use crate::queues::QueueInfo;
+
+/// Runs a handler future, turning a panic into a handler error (the partition retries instead of
+/// losing its processor task).
+pub(crate) async fn catch_panic<F>(fut: F) -> HandlerResult
+where
+    F: Future<Output = HandlerResult>,
+{
+    match AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(r) => r,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".to_owned());
+            Err(format!("handler panicked: {what}").into())
+        }
+    }
+}
+
+async fn catch_panic_batch<F>(fut: F, n: usize) -> Vec<HandlerResult>
+where
+    F: Future<Output = Vec<HandlerResult>>,
+{
+    match AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(r) => r,
+        Err(_) => {
+            let mut v: Vec<HandlerResult> = Vec::with_capacity(1);
+            if n > 0 {
+                v.push(Err("batch handler panicked".into()));
+            }
+            v
+        }
+    }
+}
+
+/// What the processor loop does next.
+enum Step {
+    /// Nothing to do until a signal arrives.
+    Idle,
+    /// More work is waiting: go again now.
+    More,
+    /// Check again at this instant. A retry backoff (`interruptible: false`) is honoured even
+    /// when new messages arrive; a wait for someone else's lease ends early on any signal.
+    At { at: Instant, interruptible: bool },
+}
+
+/// Cursor and lease state of one partition.
+struct State {
+    high: i64,
+    processed: i64,
+    attempts: i64,
+    retry_at: Option<DateTime<Utc>>,
+    locked_by: Option<String>,
+    locked_until: Option<DateTime<Utc>>,
+}
+
+fn state_sql(db: &Db) -> String {
+    format!(
+        "SELECT p.{seq} AS high, pr.processed_seq, pr.attempts, pr.retry_at, pr.locked_by, \
+         pr.locked_until FROM modkit_outbox_partitions p \
+         JOIN modkit_outbox_processor pr ON pr.partition_id = p.id WHERE p.id = ?",
+        seq = db.dialect.q("sequence")
+    )
+}
+
+async fn read_state(db: &Db, sql: &str, partition_id: i64) -> Result<State> {
+    let rows = db.query_all(sql, vec![Value::from(partition_id)]).await?;
+    let r = rows.first().ok_or_else(|| {
+        OutboxError::Db(sea_orm::DbErr::RecordNotFound(format!(
+            "processor row of partition {partition_id}"
+        )))
+    })?;
+    Ok(State {
+        high: r.try_get("", "high")?,
+        processed: r.try_get("", "processed_seq")?,
+        attempts: r.try_get("", "attempts")?,
+        retry_at: get_opt_time(r, "retry_at")?,
+        locked_by: r.try_get("", "locked_by")?,
+        locked_until: get_opt_time(r, "locked_until")?,
+    })
+}
+
+const FETCH_SQL: &str = "SELECT o.seq, b.id, b.payload, b.payload_type, b.headers, b.created_at \
+     FROM modkit_outbox_outgoing o JOIN modkit_outbox_body b ON b.id = o.body_id \
+     WHERE o.partition_id = ? AND o.seq > ? ORDER BY o.seq LIMIT ?";
+
+async fn fetch<C: ConnectionTrait>(
+    c: &C,
+    p: &Partition,
+    after: i64,
+    head_attempts: i64,
+) -> Result<Vec<Message>> {
+    let d = p.inner.db.dialect;
+    let rows = query_all(
+        c,
+        d,
+        FETCH_SQL,
+        vec![
+            Value::from(p.id),
+            Value::from(after),
+            Value::from(p.queue.batch_size as u64),
+        ],
+    )
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let seq: i64 = r.try_get("", "seq")?;
+        let payload: Vec<u8> = r.try_get("", "payload")?;
+        out.push(Message {
+            id: r.try_get("", "id")?,
+            queue: p.queue.name.clone(),
+            partition: p.index,
+            seq,
+            payload: payload.into(),
+            payload_type: r.try_get("", "payload_type")?,
+            headers: decode_headers(r.try_get("", "headers")?),
+            attempts: if seq == after + 1 {
+                u32::try_from(head_attempts.saturating_add(1)).unwrap_or(u32::MAX)
+            } else {
+                1
+            },
+            created_at: get_time(r, "created_at")?,
+        });
+    }
+    Ok(out)
+}
+
+/// The cursor update a batch's results call for.
+struct Applied<'m> {
+    processed: i64,
+    attempts: i64,
+    last_error: Option<String>,
+    retry_at: Option<DateTime<Utc>>,
+    dead: Vec<(&'m Message, String)>,
+    acked: usize,
+}
+
+fn error_text(r: &HandlerResult) -> String {
+    match r {
+        Ok(Outcome::Retry(s)) | Ok(Outcome::Reject(s)) => s.clone(),
+        Ok(Outcome::Ack) => String::new(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Folds handler results into a cursor update: `Ack`/`Reject` advance, the first
+/// `Retry`/error stops (dead-lettering the message once its attempts are exhausted).
+fn apply<'m>(
+    msgs: &'m [Message],
+    results: &[HandlerResult],
+    start: i64,
+    head_attempts: i64,
+    queue: &QueueInfo,
+) -> Applied<'m> {
+    let mut a = Applied {
+        processed: start,
+        attempts: head_attempts,
+        last_error: None,
+        retry_at: None,
+        dead: Vec::new(),
+        acked: 0,
+    };
+    for (m, r) in msgs.iter().zip(results) {
+        match r {
+            Ok(Outcome::Ack) => {
+                a.processed = m.seq;
+                a.attempts = 0;
+                a.acked += 1;
+            }
+            Ok(Outcome::Reject(reason)) => {
+                a.dead.push((m, reason.clone()));
+                a.processed = m.seq;
+                a.attempts = 0;
+            }
+            other => {
+                let text = error_text(other);
+                if m.attempts >= queue.retry.max_attempts {
+                    a.dead.push((m, text));
+                    a.processed = m.seq;
+                    a.attempts = 0;
+                } else {
+                    a.attempts = i64::from(m.attempts);
+                    let delay = queue.retry.backoff(m.attempts);
+                    a.retry_at = Some(Utc::now() + delay);
+                    a.last_error = Some(text);
+                }
+                break;
+            }
+        }
+    }
+    a
+}
+
+/// Writes dead letters for the messages `apply` gave up on.
+async fn insert_dead_letters<C: ConnectionTrait>(
+    c: &C,
+    p: &Partition,
+    dead: &[(&Message, String)],
+) -> Result<()> {
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let d = p.inner.db.dialect;
+    let now = d.time(Utc::now());
+    for chunk in dead.chunks(200) {
+        let sql = format!(
+            "INSERT INTO modkit_outbox_dead_letters (partition_id, queue, {part}, seq, message_id, \
+             payload, payload_type, headers, created_at, failed_at, last_error, attempts, status) \
+             VALUES {}",
+            vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')"; chunk.len()].join(", "),
+            part = d.q("partition")
+        );
+        let mut args = Vec::with_capacity(12 * chunk.len());
+        for (m, err) in chunk {
+            args.push(Value::from(p.id));
+            args.push(Value::from(&*m.queue));
+            args.push(Value::from(m.partition as i32));
+            args.push(Value::from(m.seq));
+            args.push(Value::from(m.id));
+            args.push(Value::from(m.payload.to_vec()));
+            args.push(Value::from(m.payload_type.as_str()));
+            args.push(Value::from(crate::message::encode_headers(&m.headers)));
+            args.push(d.time(m.created_at));
+            args.push(now.clone());
+            args.push(Value::from(err.as_str()));
+            args.push(Value::from(i64::from(m.attempts)));
+        }
+        execute(c, d, &sql, args).await?;
+        for (m, err) in chunk {
+            tracing::warn!(queue = %m.queue, partition = m.partition, seq = m.seq,
+                attempts = m.attempts, error = %err, "message dead-lettered");
+        }
+    }
+    Ok(())
+}
+
+/// Moves the cursor. `owner` adds the lease guard (leased mode). Returns false when the guard
+/// did not match (lease lost, or the cursor moved under us).
+async fn write_cursor<C: ConnectionTrait>(
+    c: &C,
+    p: &Partition,
+    from: i64,
+    a: &Applied<'_>,
+    owner: Option<(&str, DateTime<Utc>)>,
+) -> Result<bool> {
+    let d = p.inner.db.dialect;
+    let mut sql = String::from(
+        "UPDATE modkit_outbox_processor SET processed_seq = ?, attempts = ?, last_error = ?, retry_at = ?",
+    );
+    let mut args = vec![
+        Value::from(a.processed),
+        Value::from(a.attempts),
+        Value::from(a.last_error.clone()),
+        match a.retry_at {
+            Some(t) => d.time(t),
+            None => d.null_time(),
+        },
+    ];
+    if let Some((_, until)) = owner {
+        sql.push_str(", locked_until = ?");
+        args.push(d.time(until));
+    }
+    sql.push_str(" WHERE partition_id = ? AND processed_seq = ?");
+    args.push(Value::from(p.id));
+    args.push(Value::from(from));
+    if let Some((who, _)) = owner {
+        sql.push_str(lease::ACK_GUARD);
+        args.push(Value::from(who));
+    }
+    Ok(execute(c, d, &sql, args).await? == 1)
+}
+
+/// One partition's processor.
+pub(crate) struct Partition {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) queue: Arc<QueueInfo>,
+    pub(crate) index: u32,
+    pub(crate) id: i64,
+    notify: Arc<Notify>,
+    holds_lease: bool,
+    state_sql: String,
+}
+
+fn at(t: DateTime<Utc>, interruptible: bool) -> Step {
+    let delta = (t - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+    Step::At {
+        at: Instant::now() + delta,
+        interruptible,
+    }
+}
+
+impl Partition {
+    pub(crate) fn new(inner: Arc<Inner>, queue: Arc<QueueInfo>, index: u32) -> Self {
+        let id = queue.partition_ids[index as usize];
+        let notify = inner.signals.processor(id);
+        let state_sql = state_sql(&inner.db);
+        Self {
+            inner,
+            queue,
+            index,
+            id,
+            notify,
+            holds_lease: false,
+            state_sql,
+        }
+    }
+
+    fn lease_until(&self) -> DateTime<Utc> {
+        Utc::now() + self.inner.config.lease_ttl
+    }
+
+    /// The processor task.
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        let span = tracing::debug_span!("outbox.processor", queue = %self.queue.name, partition = self.index);
+        let mut next: Option<Instant> = Some(Instant::now());
+        let mut interruptible = true;
+        let mut error_backoff = Duration::from_millis(100);
+        loop {
+            let wake = async {
+                match next {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = self.notify.notified() => {
+                    // A retry backoff is honoured: a new arrival does not cut it short.
+                    if !interruptible && next.is_some_and(|t| t > Instant::now()) {
+                        continue;
+                    }
+                }
+                _ = wake => {}
+            }
+            next = None;
+            interruptible = true;
+            let step = {
+                let _e = span.enter();
+                self.step().await
+            };
+            match step {
+                Ok(Step::Idle) => {
+                    error_backoff = Duration::from_millis(100);
+                }
+                Ok(Step::More) => {
+                    error_backoff = Duration::from_millis(100);
+                    next = Some(Instant::now());
+                }
+                Ok(Step::At {
+                    at,
+                    interruptible: i,
+                }) => {
+                    error_backoff = Duration::from_millis(100);
+                    next = Some(at);
+                    interruptible = i;
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %self.queue.name, partition = self.index, error = %e,
+                        "processor step failed; retrying");
+                    next = Some(Instant::now() + error_backoff);
+                    error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            if cancel.is_cancelled() {
+                break;
+            }
+        }
+        if self.holds_lease
+            && let Err(e) = lease::release(&self.inner.db, self.id, &self.inner.instance_id).await
+        {
+            tracing::warn!(error = %e, "could not release lease on shutdown");
+        }
+    }
+}
+
+impl Partition {
+    async fn step(&mut self) -> Result<Step> {
+        let st = read_state(&self.inner.db, &self.state_sql, self.id).await?;
+        if st.high <= st.processed {
+            if self.holds_lease {
+                self.holds_lease = false;
+                lease::release(&self.inner.db, self.id, &self.inner.instance_id).await?;
+            }
+            return Ok(Step::Idle);
+        }
+        if let Some(t) = st.retry_at
+            && t > Utc::now()
+        {
+            if self.holds_lease {
+                self.holds_lease = false;
+                lease::release(&self.inner.db, self.id, &self.inner.instance_id).await?;
+            }
+            return Ok(at(t, false));
+        }
+        match self.queue.handler.clone() {
+            Some(QueueHandler::Leased(h)) => self.step_leased(st, h).await,
+            Some(QueueHandler::Transactional {
+                handler,
+                per_message,
+            }) => self.step_transactional(handler, per_message).await,
+            None => Ok(Step::Idle),
+        }
+    }
+
+    async fn step_leased(
+        &mut self,
+        st: State,
+        handler: Arc<dyn crate::handler::LeasedBatchHandler>,
+    ) -> Result<Step> {
+        let db = &self.inner.db;
+        let me = self.inner.instance_id.as_str();
+        if !self.holds_lease {
+            let now = Utc::now();
+            if let (Some(other), Some(until)) = (&st.locked_by, st.locked_until)
+                && other != me
+                && until > now
+            {
+                // Someone else processes this partition; look again when its lease ends.
+                return Ok(at(until + chrono::Duration::milliseconds(10), true));
+            }
+            if !lease::acquire(db, self.id, me, now, self.lease_until()).await? {
+                return Ok(at(Utc::now() + chrono::Duration::milliseconds(50), true));
+            }
+            self.holds_lease = true;
+            tracing::debug!(queue = %self.queue.name, partition = self.index, "lease acquired");
+        }
+        let msgs = fetch(&db.conn, self, st.processed, st.attempts).await?;
+        if msgs.is_empty() {
+            return Ok(Step::Idle);
+        }
+        let results = match self.run_leased(&handler, &msgs).await? {
+            Some(r) => r,
+            None => {
+                self.holds_lease = false;
+                tracing::warn!(queue = %self.queue.name, partition = self.index,
+                    "lease lost while the handler ran; handler cancelled");
+                return Ok(Step::More);
+            }
+        };
+        let a = apply(&msgs, &results, st.processed, st.attempts, &self.queue);
+        if a.processed == st.processed && a.retry_at.is_none() {
+            // The handler answered none of the messages: offer them again later.
+            return Ok(at(Utc::now() + chrono::Duration::milliseconds(100), false));
+        }
+        let w = db.begin_write().await?;
+        insert_dead_letters(&w.txn, self, &a.dead).await?;
+        if !write_cursor(
+            &w.txn,
+            self,
+            st.processed,
+            &a,
+            Some((me, self.lease_until())),
+        )
+        .await?
+        {
+            w.rollback().await?;
+            self.holds_lease = false;
+            tracing::warn!(queue = %self.queue.name, partition = self.index,
+                "ack rejected: lease lost; the batch will be delivered again");
+            return Ok(Step::More);
+        }
+        w.commit().await?;
+        self.after_ack(&a, &msgs);
+        Ok(match a.retry_at {
+            Some(t) => {
+                // Nobody needs the lease during the backoff; any instance may retry after it.
+                self.holds_lease = false;
+                lease::release(db, self.id, me).await?;
+                at(t, false)
+            }
+            None => Step::More,
+        })
+    }
+
+    /// Runs the handler while renewing the lease; `None` when the lease was lost (the handler
+    /// future is dropped, i.e. cancelled).
+    async fn run_leased(
+        &self,
+        handler: &Arc<dyn crate::handler::LeasedBatchHandler>,
+        msgs: &[Message],
+    ) -> Result<Option<Vec<HandlerResult>>> {
+        let ttl = self.inner.config.lease_ttl;
+        let renew_every = ttl / 3;
+        let db = &self.inner.db;
+        let me = self.inner.instance_id.as_str();
+        let work = catch_panic_batch(handler.handle_batch(msgs), msgs.len());
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval_at(Instant::now() + renew_every, renew_every);
+        let mut expires = Instant::now() + ttl;
+        loop {
+            tokio::select! {
+                r = &mut work => return Ok(Some(r)),
+                _ = tick.tick() => {
+                    let renewed = tokio::time::timeout(
+                        renew_every,
+                        lease::renew(db, self.id, me, self.lease_until()),
+                    )
+                    .await;
+                    match renewed {
+                        Ok(Ok(true)) => expires = Instant::now() + ttl,
+                        Ok(Ok(false)) => return Ok(None),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+                        Err(_) => tracing::warn!("lease renewal timed out"),
+                    }
+                    if Instant::now() >= expires {
+                        // Could not renew in time: someone else may own the partition now.
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn step_transactional(
+        &mut self,
+        handler: Arc<dyn crate::handler::TransactionalBatchHandler>,
+        per_message: bool,
+    ) -> Result<Step> {
+        let db = &self.inner.db;
+        let d = db.dialect;
+        let w = db.begin_write().await?;
+        let sql = format!(
+            "SELECT processed_seq, attempts, retry_at FROM modkit_outbox_processor \
+             WHERE partition_id = ?{}",
+            d.lock_skip_locked()
+        );
+        let rows = query_all(&w.txn, d, &sql, vec![Value::from(self.id)]).await?;
+        let Some(r) = rows.first() else {
+            // Another instance is processing this partition right now.
+            w.rollback().await?;
+            return Ok(at(Utc::now() + chrono::Duration::milliseconds(200), true));
+        };
+        let processed: i64 = r.try_get("", "processed_seq")?;
+        let attempts: i64 = r.try_get("", "attempts")?;
+        if let Some(t) = get_opt_time(r, "retry_at")?
+            && t > Utc::now()
+        {
+            w.rollback().await?;
+            return Ok(at(t, false));
+        }
+        let msgs = fetch(&w.txn, self, processed, attempts).await?;
+        if msgs.is_empty() {
+            w.rollback().await?;
+            return Ok(Step::Idle);
+        }
+        let results = if per_message {
+            catch_panic_batch(handler.handle_batch(&w.txn, &msgs), msgs.len()).await
+        } else {
+            run_batch_in_savepoint(&w.txn, &handler, &msgs).await?
+        };
+        let a = apply(&msgs, &results, processed, attempts, &self.queue);
+        if a.processed == processed && a.retry_at.is_none() {
+            w.rollback().await?;
+            return Ok(at(Utc::now() + chrono::Duration::milliseconds(100), false));
+        }
+        insert_dead_letters(&w.txn, self, &a.dead).await?;
+        if !write_cursor(&w.txn, self, processed, &a, None).await? {
+            w.rollback().await?;
+            return Ok(Step::More);
+        }
+        w.commit().await?;
+        self.after_ack(&a, &msgs);
+        Ok(match a.retry_at {
+            Some(t) => at(t, false),
+            None => Step::More,
+        })
+    }
+
+    fn after_ack(&self, a: &Applied<'_>, msgs: &[Message]) {
+        tracing::debug!(queue = %self.queue.name, partition = self.index,
+            processed_seq = a.processed, acked = a.acked, dead = a.dead.len(),
+            retry = a.retry_at.is_some(), batch = msgs.len(), "batch done");
+        if a.processed > msgs.first().map(|m| m.seq - 1).unwrap_or(a.processed) {
+            self.inner.signals.wake_vacuum();
+        }
+    }
+}
+
+/// Runs a transactional batch handler inside one savepoint; if any message is not acked, rolls
+/// the savepoint back and replays the batch one message at a time, each in its own savepoint.
+async fn run_batch_in_savepoint(
+    txn: &DatabaseTransaction,
+    handler: &Arc<dyn crate::handler::TransactionalBatchHandler>,
+    msgs: &[Message],
+) -> Result<Vec<HandlerResult>> {
+    let sp = txn.begin().await?;
+    let results = catch_panic_batch(handler.handle_batch(&sp, msgs), msgs.len()).await;
+    if results.len() == msgs.len() && results.iter().all(|r| matches!(r, Ok(Outcome::Ack))) {
+        sp.commit().await?;
+        return Ok(results);
+    }
+    sp.rollback().await?;
+    let mut out = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let sp = txn.begin().await?;
+        let mut r = catch_panic_batch(handler.handle_batch(&sp, std::slice::from_ref(m)), 1).await;
+        let r = if r.is_empty() {
+            Err::<Outcome, HandlerError>("batch handler returned no result".into())
+        } else {
+            r.swap_remove(0)
+        };
+        if matches!(r, Ok(Outcome::Ack)) {
+            sp.commit().await?;
+        } else {
+            sp.rollback().await?;
+        }
+        let stop = !matches!(r, Ok(Outcome::Ack) | Ok(Outcome::Reject(_)));
+        out.push(r);
+        if stop {
+            break;
+        }
+    }
+    Ok(out)
+}

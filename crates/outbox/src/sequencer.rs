@@ -1,0 +1,259 @@
+//! The sequencer: moves committed `incoming` rows to `outgoing`, giving each partition gapless
+//! sequence numbers 1, 2, 3… in incoming-id order among the rows visible at that moment.
+//!
+//! One pass, whatever the number of partitions, is one transaction of a handful of statements:
+//! 1. find partitions with incoming rows (plain read);
+//! 2. lock their `partitions` rows with `SKIP LOCKED` (PostgreSQL `FOR NO KEY UPDATE`, which
+//!    producers' foreign-key checks do not conflict with; MySQL `FOR UPDATE` under READ
+//!    COMMITTED; SQLite's `BEGIN IMMEDIATE` already excludes other writers). Only the partitions
+//!    this pass works on are locked, and the locks are on `partitions` rows, never on the
+//!    incoming rows of other partitions;
+//! 3. read up to `sequencer_batch` incoming rows per locked partition, oldest first;
+//! 4. insert them into `outgoing`, advance each partition's `sequence`, delete them from
+//!    `incoming` by primary key (and check that every row was still there);
+//! 5. commit, then wake the partitions' processors (PostgreSQL: `NOTIFY` to every instance).
+//!
+//! A partition skipped because another instance holds it is not "empty": the pass reports it and
+//! the loop re-checks shortly.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sea_orm::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Dialect, execute, placeholders, postgres, query_all};
+use crate::error::{OutboxError, Result};
+use crate::outbox::Inner;
+use crate::signals::PENDING_COMMIT_WINDOW;
+
+/// First re-check delay after a pass found nothing right after an enqueue; doubles up to
+/// [`RECHECK_MAX`].
+const RECHECK_MIN: Duration = Duration::from_millis(1);
+const RECHECK_MAX: Duration = Duration::from_millis(25);
+/// Re-check delay when partitions were skipped because another instance held them.
+const SKIPPED_RECHECK: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PassResult {
+    pub(crate) moved: usize,
+    pub(crate) skipped: bool,
+}
+
+/// One sequencing pass over every partition that has incoming rows.
+pub(crate) async fn pass(inner: &Inner) -> Result<PassResult> {
+    let db = &inner.db;
+    let d = db.dialect;
+    let candidates: Vec<i64> = db
+        .query_all(
+            "SELECT DISTINCT partition_id FROM modkit_outbox_incoming",
+            vec![],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get::<i64>("", "partition_id"))
+        .collect::<std::result::Result<_, _>>()?;
+    if candidates.is_empty() {
+        return Ok(PassResult::default());
+    }
+
+    let w = db.begin_write().await?;
+    let t = &w.txn;
+    let lock_sql = format!(
+        "SELECT id, {seq} AS seq FROM modkit_outbox_partitions WHERE id IN ({}) ORDER BY id{}",
+        placeholders(candidates.len()),
+        d.lock_skip_locked(),
+        seq = d.q("sequence"),
+    );
+    let locked: BTreeMap<i64, i64> = query_all(
+        t,
+        d,
+        &lock_sql,
+        candidates.iter().map(|i| Value::from(*i)).collect(),
+    )
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get::<i64>("", "id")?, r.try_get::<i64>("", "seq")?)))
+    .collect::<std::result::Result<_, sea_orm::DbErr>>()?;
+    let skipped = locked.len() < candidates.len();
+    if locked.is_empty() {
+        w.rollback().await?;
+        return Ok(PassResult { moved: 0, skipped });
+    }
+
+    // Oldest rows first, per partition, in one statement.
+    let per = inner.config.sequencer_batch as u64;
+    let parts: Vec<String> = (0..locked.len())
+        .map(|i| {
+            format!(
+                "SELECT * FROM (SELECT id, partition_id, body_id FROM modkit_outbox_incoming \
+                 WHERE partition_id = ? ORDER BY id LIMIT ?) t{i}"
+            )
+        })
+        .collect();
+    let mut args = Vec::with_capacity(2 * locked.len());
+    for id in locked.keys() {
+        args.push(Value::from(*id));
+        args.push(Value::from(per));
+    }
+    let rows = query_all(t, d, &parts.join(" UNION ALL "), args).await?;
+    let mut by_partition: BTreeMap<i64, Vec<(i64, i64)>> = BTreeMap::new();
+    for r in &rows {
+        let id: i64 = r.try_get("", "id")?;
+        let pid: i64 = r.try_get("", "partition_id")?;
+        let body: i64 = r.try_get("", "body_id")?;
+        by_partition.entry(pid).or_default().push((id, body));
+    }
+    if by_partition.is_empty() {
+        w.rollback().await?;
+        return Ok(PassResult { moved: 0, skipped });
+    }
+
+    let now = d.time(chrono::Utc::now());
+    let mut outgoing: Vec<(i64, i64, i64)> = Vec::with_capacity(rows.len());
+    let mut incoming_ids: Vec<i64> = Vec::with_capacity(rows.len());
+    let mut new_seq: Vec<(i64, i64)> = Vec::with_capacity(by_partition.len());
+    for (pid, list) in &mut by_partition {
+        list.sort_unstable_by_key(|(id, _)| *id);
+        let mut seq = locked[pid];
+        for (id, body) in list.iter() {
+            seq += 1;
+            outgoing.push((*pid, *body, seq));
+            incoming_ids.push(*id);
+        }
+        new_seq.push((*pid, seq));
+    }
+
+    for chunk in outgoing.chunks(1000) {
+        let sql = format!(
+            "INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) VALUES {}",
+            vec!["(?, ?, ?, ?)"; chunk.len()].join(", ")
+        );
+        let mut args = Vec::with_capacity(4 * chunk.len());
+        for (pid, body, seq) in chunk {
+            args.push(Value::from(*pid));
+            args.push(Value::from(*body));
+            args.push(Value::from(*seq));
+            args.push(now.clone());
+        }
+        execute(t, d, &sql, args).await?;
+    }
+
+    let case = new_seq
+        .iter()
+        .map(|_| "WHEN ? THEN ?")
+        .collect::<Vec<_>>()
+        .join(" ");
+    let sql = format!(
+        "UPDATE modkit_outbox_partitions SET {seq} = CASE id {case} END WHERE id IN ({})",
+        placeholders(new_seq.len()),
+        seq = d.q("sequence"),
+    );
+    let mut args = Vec::with_capacity(3 * new_seq.len());
+    for (pid, s) in &new_seq {
+        args.push(Value::from(*pid));
+        args.push(Value::from(*s));
+    }
+    for (pid, _) in &new_seq {
+        args.push(Value::from(*pid));
+    }
+    execute(t, d, &sql, args).await?;
+
+    let mut deleted = 0;
+    for chunk in incoming_ids.chunks(1000) {
+        let sql = format!(
+            "DELETE FROM modkit_outbox_incoming WHERE id IN ({})",
+            placeholders(chunk.len())
+        );
+        deleted += execute(t, d, &sql, chunk.iter().map(|i| Value::from(*i)).collect()).await?;
+    }
+    if deleted != incoming_ids.len() as u64 {
+        w.rollback().await?;
+        return Err(OutboxError::Db(sea_orm::DbErr::Custom(format!(
+            "sequencer: {} incoming rows read but {deleted} deleted; pass rolled back",
+            incoming_ids.len()
+        ))));
+    }
+
+    let touched: Vec<i64> = new_seq.iter().map(|(p, _)| *p).collect();
+    if d == Dialect::Postgres {
+        postgres::notify_sequenced(t, &touched).await?;
+    }
+    w.commit().await?;
+
+    for (pid, s) in &new_seq {
+        tracing::trace!(partition_id = pid, sequence = s, "sequenced");
+        inner.signals.wake_processor(*pid);
+    }
+    tracing::debug!(
+        moved = incoming_ids.len(),
+        partitions = touched.len(),
+        "sequencer pass"
+    );
+    Ok(PassResult {
+        moved: incoming_ids.len(),
+        skipped,
+    })
+}
+
+/// The sequencer task: runs passes while there is work, sleeps on signals otherwise.
+pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
+    let mut error_backoff = Duration::from_millis(50);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = inner.signals.sequencer_wait() => {}
+        }
+        let mut recheck = RECHECK_MIN;
+        let mut skipped_rounds = 0;
+        loop {
+            if cancel.is_cancelled() {
+                return;
+            }
+            let (delay, interruptible) = match pass(&inner).await {
+                Ok(r) if r.moved > 0 => {
+                    error_backoff = Duration::from_millis(50);
+                    recheck = RECHECK_MIN;
+                    continue;
+                }
+                Ok(r) => {
+                    error_backoff = Duration::from_millis(50);
+                    if r.skipped && skipped_rounds < 50 {
+                        skipped_rounds += 1;
+                        (SKIPPED_RECHECK, true)
+                    } else if inner
+                        .signals
+                        .last_enqueue()
+                        .is_some_and(|t| t.elapsed() < PENDING_COMMIT_WINDOW)
+                    {
+                        let d = recheck;
+                        recheck = (recheck * 2).min(RECHECK_MAX);
+                        (d, true)
+                    } else {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "sequencer pass failed; retrying");
+                    let d = error_backoff;
+                    error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
+                    (d, false)
+                }
+            };
+            if interruptible {
+                // A new signal cuts a re-check sleep short.
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = inner.signals.sequencer_wait() => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}

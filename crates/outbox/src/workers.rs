@@ -1,0 +1,81 @@
+//! Starting the pipeline's tasks, and the reconciler: the bounded fallback poll that catches
+//! whatever a wake-up missed (a commit seen by no signal, rows sequenced by another MySQL/SQLite
+//! instance, a `NOTIFY` lost while the listener reconnected).
+
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Dialect, placeholders};
+use crate::outbox::{Inner, Outbox};
+use crate::processor::Partition;
+
+pub(crate) fn spawn_all(outbox: &Outbox, cancel: &CancellationToken, tasks: &mut JoinSet<()>) {
+    let inner = outbox.inner.clone();
+    tasks.spawn(crate::sequencer::run(inner.clone(), cancel.child_token()));
+    tasks.spawn(crate::vacuum::run(inner.clone(), cancel.child_token()));
+    tasks.spawn(reconcile(inner.clone(), cancel.child_token()));
+    if inner.db.dialect == Dialect::Postgres {
+        tasks.spawn(crate::backend::postgres::listen(
+            inner.db.conn.clone(),
+            inner.signals.clone(),
+            cancel.child_token(),
+        ));
+    }
+    for q in inner.queues.values() {
+        if q.handler.is_none() {
+            continue;
+        }
+        for index in 0..q.partitions {
+            let p = Partition::new(inner.clone(), q.clone(), index);
+            tasks.spawn(p.run(cancel.child_token()));
+        }
+    }
+    // Whatever was left from before this start gets looked at at once.
+    inner.signals.incoming_committed();
+}
+
+/// Every `poll_interval` (or on request): wake the sequencer, and wake the processors of this
+/// instance's partitions that have sequenced but unprocessed rows.
+async fn reconcile(inner: Arc<Inner>, cancel: CancellationToken) {
+    let ids: Vec<i64> = inner
+        .queues
+        .values()
+        .filter(|q| q.handler.is_some())
+        .flat_map(|q| q.partition_ids.iter().copied())
+        .collect();
+    let d = inner.db.dialect;
+    let sql = (!ids.is_empty()).then(|| {
+        format!(
+            "SELECT p.id FROM modkit_outbox_partitions p \
+             JOIN modkit_outbox_processor pr ON pr.partition_id = p.id \
+             WHERE p.{seq} > pr.processed_seq AND p.id IN ({})",
+            placeholders(ids.len()),
+            seq = d.q("sequence")
+        )
+    });
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(inner.config.poll_interval) => {}
+            _ = inner.signals.reconcile_wait() => {}
+        }
+        inner.signals.incoming_committed();
+        let Some(sql) = &sql else { continue };
+        match inner
+            .db
+            .query_all(sql, ids.iter().map(|i| sea_orm::Value::from(*i)).collect())
+            .await
+        {
+            Ok(rows) => {
+                for r in rows {
+                    if let Ok(id) = r.try_get::<i64>("", "id") {
+                        inner.signals.wake_processor(id);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reconcile query failed"),
+        }
+    }
+}
