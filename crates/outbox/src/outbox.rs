@@ -8,6 +8,7 @@ use bytes::Bytes;
 use sea_orm::{DatabaseConnection, TransactionSession};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::backend::{Db, Dialect};
 use crate::config::{OutboxConfig, RetryPolicy, validate_retry};
@@ -137,21 +138,24 @@ impl Outbox {
             .collect::<Result<Vec<_>>>()?;
         let d = self.inner.db.dialect;
         let span = tracing::debug_span!("outbox.enqueue", messages = msgs.len());
-        let _e = span.enter();
-        let ids = if txn.in_transaction() {
-            let ids = enqueue::insert(txn, d, &resolved).await?;
-            // Not committed yet: the sequencer re-checks for a short while (and PostgreSQL
-            // notifies every instance on commit).
-            self.inner.signals.enqueued();
-            ids
-        } else {
-            let own = txn.begin().await?;
-            let ids = enqueue::insert(&own, d, &resolved).await?;
-            own.commit().await?;
-            self.inner.signals.incoming_committed();
-            ids
-        };
-        Ok(ids)
+        async {
+            let ids = if txn.in_transaction() {
+                let ids = enqueue::insert(txn, d, &resolved).await?;
+                // Not committed yet: the sequencer re-checks for a short while (and PostgreSQL
+                // notifies every instance on commit).
+                self.inner.signals.enqueued();
+                ids
+            } else {
+                let own = txn.begin().await?;
+                let ids = enqueue::insert(&own, d, &resolved).await?;
+                own.commit().await?;
+                self.inner.signals.incoming_committed();
+                ids
+            };
+            Ok(ids)
+        }
+        .instrument(span)
+        .await
     }
 
     fn resolve<'a>(&self, m: &'a NewMessage) -> Result<Resolved<'a>> {

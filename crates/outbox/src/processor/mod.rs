@@ -25,6 +25,7 @@ use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait, Value};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::backend::{Db, execute, get_opt_time, get_time, query_all};
 use crate::error::{OutboxError, Result};
@@ -346,7 +347,8 @@ impl Partition {
 
     /// The processor task.
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
-        let span = tracing::debug_span!("outbox.processor", queue = %self.queue.name, partition = self.index);
+        let span = tracing::debug_span!("outbox.processor", queue = %self.queue.name,
+            partition = self.index, instance = %self.inner.instance_id);
         let mut next: Option<Instant> = Some(Instant::now());
         let mut interruptible = true;
         let mut error_backoff = Duration::from_millis(100);
@@ -370,10 +372,7 @@ impl Partition {
             }
             next = None;
             interruptible = true;
-            let step = {
-                let _e = span.enter();
-                self.step().await
-            };
+            let step = self.step().instrument(span.clone()).await;
             match step {
                 Ok(Step::Idle) => {
                     error_backoff = Duration::from_millis(100);
@@ -440,7 +439,7 @@ impl Partition {
 
     async fn step_leased(
         &mut self,
-        st: State,
+        mut st: State,
         handler: Arc<dyn crate::handler::LeasedBatchHandler>,
     ) -> Result<Step> {
         let db = &self.inner.db;
@@ -459,6 +458,12 @@ impl Partition {
             }
             self.holds_lease = true;
             tracing::debug!(queue = %self.queue.name, partition = self.index, "lease acquired");
+            // The state read before the lease may predate the previous owner's last ack.
+            let fresh = read_state(db, &self.state_sql, self.id).await?;
+            if fresh.high <= fresh.processed || fresh.retry_at.is_some_and(|t| t > Utc::now()) {
+                return Ok(Step::More);
+            }
+            st = fresh;
         }
         let msgs = fetch(&db.conn, self, st.processed, st.attempts).await?;
         if msgs.is_empty() {
@@ -492,7 +497,7 @@ impl Partition {
             w.rollback().await?;
             self.holds_lease = false;
             tracing::warn!(queue = %self.queue.name, partition = self.index,
-                "ack rejected: lease lost; the batch will be delivered again");
+                "ack rejected: lease lost or cursor moved; the batch will be delivered again");
             return Ok(Step::More);
         }
         w.commit().await?;

@@ -1,0 +1,266 @@
+//! Several instances: crash and takeover after lease expiry, lease renewal for slow handlers,
+//! and never two processors on one partition at once.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Recorder, eventually, fast_config, migrate, scalar};
+use modkit_outbox::{
+    HandlerResult, Message, NewMessage, Outbox, OutboxConfig, Outcome, Partitions,
+};
+use modkit_outbox_tests::{TestDb, backend_tests};
+
+fn recording(
+    rec: &Recorder,
+) -> impl Fn(Message) -> std::pin::Pin<Box<dyn std::future::Future<Output = HandlerResult> + Send>>
++ Send
++ Sync
++ 'static {
+    let rec = rec.clone();
+    move |m: Message| {
+        let rec = rec.clone();
+        Box::pin(async move {
+            rec.push(&m);
+            Ok(Outcome::Ack)
+        })
+    }
+}
+
+async fn crashed_instance_is_taken_over(db: TestDb) {
+    migrate(&db).await;
+    let config = OutboxConfig {
+        batch_size: 10,
+        ..fast_config()
+    };
+    // Instance A handles 25 messages of partition 0, then hangs mid-batch and is killed.
+    let a_rec = Recorder::default();
+    let a_count = Arc::new(AtomicUsize::new(0));
+    let (r, c) = (a_rec.clone(), a_count.clone());
+    let a = Outbox::builder(db.connect().await)
+        .config(config.clone())
+        .queue("crash", Partitions::of(2))
+        .leased(move |m: Message| {
+            let (r, c) = (r.clone(), c.clone());
+            async move {
+                if c.fetch_add(1, Ordering::SeqCst) >= 25 {
+                    std::future::pending::<()>().await;
+                }
+                r.push(&m);
+                HandlerResult::Ok(Outcome::Ack)
+            }
+        })
+        .start()
+        .await
+        .expect("start A");
+    let msgs: Vec<NewMessage> = (0..200u32)
+        .map(|i| NewMessage::new("crash", i % 2, i.to_string(), "t"))
+        .collect();
+    a.outbox()
+        .enqueue_batch(&db.conn, &msgs)
+        .await
+        .expect("enqueue");
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            a_count.load(Ordering::SeqCst) > 25
+        })
+        .await,
+        "A got stuck mid-batch"
+    );
+    a.abort(); // crash: no stop, no lease release
+
+    let b_rec = Recorder::default();
+    let b = Outbox::builder(db.connect().await)
+        .config(config)
+        .queue("crash", Partitions::of(2))
+        .leased(recording(&b_rec))
+        .start()
+        .await
+        .expect("start B");
+    let conn = db.conn.clone();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let conn = conn.clone();
+            async move {
+                scalar(
+                    &conn,
+                    "SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE processed_seq = 100",
+                )
+                .await
+                    == 2
+            }
+        })
+        .await,
+        "{:?}: B finished both partitions",
+        db.backend
+    );
+    b.stop().await;
+    // Nothing lost: every message was handled by A or B; B continued where A's acks ended.
+    let mut seen: HashSet<(u32, i64)> = HashSet::new();
+    for m in a_rec.all().iter().chain(b_rec.all().iter()) {
+        seen.insert((m.partition, m.seq));
+    }
+    assert_eq!(seen.len(), 200, "every message delivered at least once");
+    // Re-deliveries are limited to A's unacknowledged batch (at-least-once).
+    let dup = a_rec.len() + b_rec.len() - 200;
+    assert!(dup <= 10, "{dup} duplicates, more than one batch");
+}
+
+async fn slow_handler_keeps_its_lease(db: TestDb) {
+    migrate(&db).await;
+    let config = OutboxConfig {
+        lease_ttl: Duration::from_millis(600),
+        ..fast_config()
+    };
+    let deliveries = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let d = deliveries.clone();
+        handles.push(
+            Outbox::builder(db.connect().await)
+                .config(config.clone())
+                .queue("slow", Partitions::of(1))
+                .leased(move |_m: Message| {
+                    let d = d.clone();
+                    async move {
+                        d.fetch_add(1, Ordering::SeqCst);
+                        // Five lease TTLs long: only renewal keeps the lease.
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        HandlerResult::Ok(Outcome::Ack)
+                    }
+                })
+                .start()
+                .await
+                .expect("start"),
+        );
+    }
+    handles[0]
+        .outbox()
+        .enqueue(&db.conn, "slow", 0, "x", "t")
+        .await
+        .expect("enqueue");
+    let conn = db.conn.clone();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let conn = conn.clone();
+            async move {
+                scalar(
+                    &conn,
+                    "SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE processed_seq = 1",
+                )
+                .await
+                    == 1
+            }
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        deliveries.load(Ordering::SeqCst),
+        1,
+        "{:?}: delivered once",
+        db.backend
+    );
+    for h in handles {
+        h.stop().await;
+    }
+}
+
+async fn three_instances_never_share_a_partition(db: TestDb) {
+    migrate(&db).await;
+    const PARTS: u32 = 8;
+    let busy: Arc<Vec<AtomicBool>> = Arc::new((0..PARTS).map(|_| AtomicBool::new(false)).collect());
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    let rec = Recorder::default();
+    let mut handles = Vec::new();
+    let mut per_instance = Vec::new();
+    for _ in 0..3 {
+        let (busy, overlaps, rec) = (busy.clone(), overlaps.clone(), rec.clone());
+        let mine = Arc::new(AtomicUsize::new(0));
+        per_instance.push(mine.clone());
+        handles.push(
+            Outbox::builder(db.connect().await)
+                .config(OutboxConfig {
+                    batch_size: 20,
+                    ..fast_config()
+                })
+                .queue("shared", Partitions::of(PARTS))
+                .leased(move |m: Message| {
+                    let (busy, overlaps, rec, mine) =
+                        (busy.clone(), overlaps.clone(), rec.clone(), mine.clone());
+                    async move {
+                        let flag = &busy[m.partition as usize];
+                        if flag.swap(true, Ordering::SeqCst) {
+                            overlaps.fetch_add(1, Ordering::SeqCst);
+                        }
+                        if m.seq % 50 == 0 {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        tokio::task::yield_now().await;
+                        rec.push(&m);
+                        mine.fetch_add(1, Ordering::SeqCst);
+                        flag.store(false, Ordering::SeqCst);
+                        HandlerResult::Ok(Outcome::Ack)
+                    }
+                })
+                .start()
+                .await
+                .expect("start"),
+        );
+    }
+    // Producers on every instance, in waves, so leases change hands.
+    let total = 3 * 10 * 80u32;
+    for wave in 0..10u32 {
+        for (i, h) in handles.iter().enumerate() {
+            let msgs: Vec<NewMessage> = (0..80u32)
+                .map(|k| {
+                    NewMessage::new("shared", (k + wave) % PARTS, format!("{i}-{wave}-{k}"), "t")
+                })
+                .collect();
+            h.outbox()
+                .enqueue_batch(&db.conn, &msgs)
+                .await
+                .expect("enqueue");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        rec.wait_for(total as usize, Duration::from_secs(90)).await,
+        "{:?}: delivered {} of {total}",
+        db.backend,
+        rec.len()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for h in handles {
+        h.stop().await;
+    }
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "two instances handled one partition at once"
+    );
+    let mut by_id: HashMap<i64, usize> = HashMap::new();
+    for m in rec.all() {
+        *by_id.entry(m.id).or_default() += 1;
+    }
+    assert_eq!(by_id.len(), total as usize, "every message delivered");
+    assert!(
+        by_id.values().all(|n| *n == 1),
+        "no message delivered twice"
+    );
+    common::assert_gapless(&rec);
+    let spread: Vec<usize> = per_instance
+        .iter()
+        .map(|c| c.load(Ordering::SeqCst))
+        .collect();
+    eprintln!("{:?}: deliveries per instance {spread:?}", db.backend);
+}
+
+backend_tests!(
+    crashed_instance_is_taken_over,
+    slow_handler_keeps_its_lease,
+    three_instances_never_share_a_partition,
+);
