@@ -1,6 +1,8 @@
 //! Several instances: crash and takeover after lease expiry, lease renewal for slow handlers,
 //! and never two processors on one partition at once.
 
+#![allow(clippy::print_stderr)]
+
 mod common;
 
 use std::collections::{HashMap, HashSet};
