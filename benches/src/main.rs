@@ -1,2 +1,200 @@
-//! placeholder
-fn main() {}
+//! `outbox-bench`: throughput and latency of modkit-outbox against the raw-database floor.
+//!
+//! ```sh
+//! cargo run --release -p outbox-bench -- --url postgres://postgres@127.0.0.1:5432/outbox_bench
+//! cargo run --release -p outbox-bench -- --url sqlite --batch 1 --runs 3
+//! just bench --url mysql://root@127.0.0.1:3306/outbox_bench --partitions 64
+//! ```
+//!
+//! Every run migrates a fresh schema, measures the floor (plain-SQL inserts and deletes of the
+//! same rows) and then the engine, verifies the deliveries (gapless seqs per partition, each
+//! message once, a producer's messages in order), and prints one JSON line. A violation exits
+//! with status 2. With `--runs N` a final JSON line holds the medians.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod db;
+mod engine;
+mod floor;
+mod stats;
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+
+/// Processing mode of the benchmarked queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// At-least-once with leases.
+    Leased,
+    /// Exactly-once database side effects.
+    Transactional,
+}
+
+/// Benchmark parameters.
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(version, about = "modkit-outbox throughput/latency harness")]
+pub struct Args {
+    /// Database: `sqlite` (temp file) or a PostgreSQL/MySQL URL whose database is dropped and
+    /// recreated.
+    #[arg(long, env = "OUTBOX_BENCH_URL", default_value = "sqlite")]
+    pub url: String,
+    /// Queues.
+    #[arg(long, default_value_t = 1)]
+    pub queues: u32,
+    /// Partitions per queue.
+    #[arg(long, default_value_t = 8)]
+    pub partitions: u32,
+    /// Concurrent producers.
+    #[arg(long, default_value_t = 4)]
+    pub producers: usize,
+    /// Messages in total.
+    #[arg(long, default_value_t = 20_000)]
+    pub messages: usize,
+    /// Messages per producer transaction (B).
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub payload_bytes: usize,
+    /// Processing mode.
+    #[arg(long, value_enum, default_value_t = Mode::Leased)]
+    pub mode: Mode,
+    /// Handler delay per message, microseconds.
+    #[arg(long, default_value_t = 0)]
+    pub handler_delay_us: u64,
+    /// Engine instances in this process, each with its own pool.
+    #[arg(long, default_value_t = 1)]
+    pub instances: usize,
+    /// Runs; the last line then reports medians.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
+    /// Skip the floor measurement.
+    #[arg(long)]
+    pub no_floor: bool,
+    /// Only measure the floor.
+    #[arg(long)]
+    pub floor_only: bool,
+    /// Give up waiting for deliveries after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_s: u64,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    kind: &'static str,
+    backend: String,
+    args: &'a Args,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor: Option<floor::Floor>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine: Option<engine::EngineRun>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio_to_ceiling: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio_to_insert_floor: Option<f64>,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    if args.producers == 0
+        || args.batch == 0
+        || args.messages < args.producers
+        || args.partitions == 0
+    {
+        eprintln!("producers, batch, partitions must be positive and messages >= producers");
+        std::process::exit(1);
+    }
+    match run(args).await {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("outbox-bench: {e}");
+            let code = if e.to_string().contains("CORRECTNESS VIOLATION") {
+                2
+            } else {
+                1
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mut floors = Vec::new();
+    let mut engines = Vec::new();
+    let mut backend = String::new();
+    for _ in 0..args.runs {
+        let target = db::fresh(&args.url).await?;
+        backend = format!("{:?}", target.backend);
+        let floor = if args.no_floor {
+            None
+        } else {
+            Some(floor::run(&args, &target).await?)
+        };
+        let engine = if args.floor_only {
+            None
+        } else {
+            Some(engine::run(&args, &target).await?)
+        };
+        print_line(&args, &backend, "run", floor, engine.clone());
+        floors.extend(floor);
+        engines.extend(engine);
+    }
+    if args.runs > 1 {
+        let med =
+            |f: &dyn Fn(&engine::EngineRun) -> f64| stats::median(engines.iter().map(f).collect());
+        let floor = (!floors.is_empty()).then(|| floor::Floor {
+            insert_rows_per_s: stats::median(floors.iter().map(|f| f.insert_rows_per_s).collect()),
+            delete_rows_per_s: stats::median(floors.iter().map(|f| f.delete_rows_per_s).collect()),
+            design_ceiling_msg_per_s: stats::median(
+                floors.iter().map(|f| f.design_ceiling_msg_per_s).collect(),
+            ),
+        });
+        let engine = (!engines.is_empty()).then(|| engine::EngineRun {
+            enqueue_msg_per_s: med(&|e| e.enqueue_msg_per_s),
+            end_to_end_msg_per_s: med(&|e| e.end_to_end_msg_per_s),
+            latency_ms: stats::Latency {
+                p50: med(&|e| e.latency_ms.p50),
+                p90: med(&|e| e.latency_ms.p90),
+                p99: med(&|e| e.latency_ms.p99),
+                max: med(&|e| e.latency_ms.max),
+            },
+            vacuum_s: med(&|e| e.vacuum_s),
+            peak_rss_mib: med(&|e| e.peak_rss_mib),
+            delivered: engines[0].delivered,
+            duplicates: engines.iter().map(|e| e.duplicates).sum(),
+        });
+        print_line(&args, &backend, "median", floor, engine);
+    }
+    Ok(())
+}
+
+fn print_line(
+    args: &Args,
+    backend: &str,
+    kind: &'static str,
+    floor: Option<floor::Floor>,
+    engine: Option<engine::EngineRun>,
+) {
+    let ratio_to_ceiling = match (&floor, &engine) {
+        (Some(f), Some(e)) => Some(e.end_to_end_msg_per_s / f.design_ceiling_msg_per_s),
+        _ => None,
+    };
+    let ratio_to_insert_floor = match (&floor, &engine) {
+        (Some(f), Some(e)) => Some(e.end_to_end_msg_per_s / f.insert_rows_per_s),
+        _ => None,
+    };
+    let line = Line {
+        kind,
+        backend: backend.to_owned(),
+        args,
+        floor,
+        engine,
+        ratio_to_ceiling,
+        ratio_to_insert_floor,
+    };
+    match serde_json::to_string(&line) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("cannot serialize result: {e}"),
+    }
+}

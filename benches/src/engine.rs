@@ -1,0 +1,292 @@
+//! One engine run: fresh schema, `instances` engines (own pool each), producers enqueueing in
+//! real transactions, a recording handler, then the figures and the correctness checks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use modkit_outbox::{
+    HandlerResult, LeasedBatchHandler, Message, NewMessage, Outbox, OutboxConfig, Outcome,
+    Partitions, TransactionalBatchHandler,
+};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement, TransactionTrait};
+use sea_orm_migration::MigratorTrait;
+use serde::Serialize;
+
+use crate::db::{Target, connect, pool_size};
+use crate::stats::{Latency, latency, peak_rss_mib};
+use crate::{Args, Mode};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineRun {
+    pub enqueue_msg_per_s: f64,
+    pub end_to_end_msg_per_s: f64,
+    pub latency_ms: Latency,
+    /// Seconds from the last delivery until `outgoing` and `body` were empty.
+    pub vacuum_s: f64,
+    pub peak_rss_mib: f64,
+    pub delivered: usize,
+    pub duplicates: usize,
+}
+
+/// One delivery as the handler saw it.
+struct Delivery {
+    id: i64,
+    partition: u32,
+    seq: i64,
+    producer: u32,
+    k: u32,
+    at: Instant,
+}
+
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<Delivery>>>);
+
+impl Log {
+    fn record(&self, msgs: &[Message]) {
+        let now = Instant::now();
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for m in msgs {
+            let (producer, k) = parse(&m.payload);
+            v.push(Delivery {
+                id: m.id,
+                partition: m.partition,
+                seq: m.seq,
+                producer,
+                k,
+                at: now,
+            });
+        }
+    }
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+fn parse(payload: &[u8]) -> (u32, u32) {
+    let s = std::str::from_utf8(payload).unwrap_or("");
+    let mut it = s.split(':');
+    let p = it.next().and_then(|x| x.parse().ok()).unwrap_or(u32::MAX);
+    let k = it.next().and_then(|x| x.parse().ok()).unwrap_or(u32::MAX);
+    (p, k)
+}
+
+struct Leased {
+    log: Log,
+    delay: Duration,
+}
+
+#[async_trait]
+impl LeasedBatchHandler for Leased {
+    async fn handle_batch(&self, msgs: &[Message]) -> Vec<HandlerResult> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay * msgs.len() as u32).await;
+        }
+        self.log.record(msgs);
+        msgs.iter().map(|_| Ok(Outcome::Ack)).collect()
+    }
+}
+
+struct Transactional {
+    log: Log,
+    delay: Duration,
+}
+
+#[async_trait]
+impl TransactionalBatchHandler for Transactional {
+    async fn handle_batch(
+        &self,
+        _txn: &DatabaseTransaction,
+        msgs: &[Message],
+    ) -> Vec<HandlerResult> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay * msgs.len() as u32).await;
+        }
+        self.log.record(msgs);
+        msgs.iter().map(|_| Ok(Outcome::Ack)).collect()
+    }
+}
+
+fn payload(p: u32, k: u32, size: usize) -> Vec<u8> {
+    let mut v = format!("{p}:{k}:").into_bytes();
+    v.resize(size.max(v.len()), b'x');
+    v
+}
+
+async fn count(c: &sea_orm::DatabaseConnection, table: &str) -> Result<i64, sea_orm::DbErr> {
+    let row = c
+        .query_one_raw(Statement::from_string(
+            c.get_database_backend(),
+            format!("SELECT COUNT(*) AS n FROM {table}"),
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "n"))
+        .transpose()?
+        .unwrap_or(0))
+}
+
+pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std::error::Error>> {
+    let b = target.backend;
+    let admin = connect(&target.url, 2).await?;
+    modkit_outbox_migration::Migrator::fresh(&admin).await?;
+    let log = Log::default();
+    let config = OutboxConfig::default();
+    let mut handles = Vec::new();
+    for _ in 0..args.instances {
+        let conn = connect(&target.url, pool_size(b, 10)).await?;
+        let mut builder = Outbox::builder(conn).config(config.clone());
+        for q in 0..args.queues {
+            let qb = builder.queue(format!("bench{q}"), Partitions::of(args.partitions));
+            let delay = Duration::from_micros(args.handler_delay_us);
+            builder = match args.mode {
+                Mode::Leased => qb.leased_batch(Leased {
+                    log: log.clone(),
+                    delay,
+                }),
+                Mode::Transactional => qb.transactional_batch(Transactional {
+                    log: log.clone(),
+                    delay,
+                }),
+            };
+        }
+        handles.push(builder.start().await?);
+    }
+    let outbox = handles[0].outbox();
+    let producers = connect(&target.url, pool_size(b, args.producers as u32)).await?;
+    let per = (args.messages / args.producers) as u32;
+    let total = per as usize * args.producers;
+    let commits: Arc<Mutex<HashMap<i64, Instant>>> =
+        Arc::new(Mutex::new(HashMap::with_capacity(total)));
+
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..args.producers as u32 {
+        let (outbox, conn, commits) = (outbox.clone(), producers.clone(), commits.clone());
+        let (batch, parts, queues, size) = (
+            args.batch as u32,
+            args.partitions,
+            args.queues,
+            args.payload_bytes,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut k = 0u32;
+            while k < per {
+                let n = batch.min(per - k);
+                let msgs: Vec<NewMessage> = (k..k + n)
+                    .map(|i| {
+                        NewMessage::new(
+                            format!("bench{}", (p + i) % queues),
+                            (p + i) % parts,
+                            payload(p, i, size),
+                            "bench",
+                        )
+                    })
+                    .collect();
+                let txn = conn.begin().await?;
+                let ids = outbox.enqueue_batch(&txn, &msgs).await?;
+                txn.commit().await?;
+                let now = Instant::now();
+                let mut c = commits.lock().unwrap_or_else(|e| e.into_inner());
+                for id in ids {
+                    c.insert(id, now);
+                }
+                k += n;
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        }));
+    }
+    for t in tasks {
+        t.await?.map_err(|e| e.to_string())?;
+    }
+    let enqueue_secs = start.elapsed().as_secs_f64();
+
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
+    while log.len() < total {
+        if Instant::now() > deadline {
+            return Err(format!("timed out: {} of {total} delivered", log.len()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let deliveries = std::mem::take(&mut *log.0.lock().unwrap_or_else(|e| e.into_inner()));
+    let last = deliveries.iter().map(|d| d.at).max().unwrap_or(start);
+    let e2e_secs = (last - start).as_secs_f64();
+
+    let vacuum_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if count(&admin, "modkit_outbox_outgoing").await? == 0
+            && count(&admin, "modkit_outbox_body").await? == 0
+        {
+            break;
+        }
+        if Instant::now() > vacuum_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let vacuum_s = last.elapsed().as_secs_f64();
+    for h in handles {
+        h.stop().await;
+    }
+
+    // Correctness.
+    let commits = commits.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lat = Vec::with_capacity(total);
+    let mut first_seen: HashMap<i64, ()> = HashMap::with_capacity(total);
+    let mut duplicates = 0;
+    let mut next_seq: HashMap<(u32, u32), i64> = HashMap::new();
+    let mut last_k: HashMap<(u32, u32, u32), u32> = HashMap::new();
+    let mut problems = Vec::new();
+    let mut ordered = deliveries;
+    ordered.sort_by_key(|d| d.at);
+    for d in &ordered {
+        if first_seen.insert(d.id, ()).is_some() {
+            duplicates += 1;
+            continue;
+        }
+        if let Some(c) = commits.get(&d.id) {
+            lat.push(d.at.saturating_duration_since(*c).as_secs_f64() * 1000.0);
+        }
+        let queue = (d.producer + d.k) % args.queues;
+        let expect = next_seq.entry((queue, d.partition)).or_insert(1);
+        if d.seq != *expect && problems.len() < 10 {
+            problems.push(format!(
+                "queue {queue} partition {}: seq {} where {} was due",
+                d.partition, d.seq, expect
+            ));
+        }
+        *expect = d.seq + 1;
+        if let Some(prev) = last_k.insert((d.producer, queue, d.partition), d.k) {
+            if prev >= d.k && problems.len() < 10 {
+                problems.push(format!(
+                    "producer {} partition {}: message {} after {prev}",
+                    d.producer, d.partition, d.k
+                ));
+            }
+        }
+    }
+    if first_seen.len() != total {
+        problems.push(format!(
+            "{} distinct messages delivered, {total} enqueued",
+            first_seen.len()
+        ));
+    }
+    if duplicates > 0 && args.mode == Mode::Transactional {
+        problems.push(format!(
+            "{duplicates} duplicate deliveries in transactional mode"
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(format!("CORRECTNESS VIOLATION: {}", problems.join("; ")).into());
+    }
+    Ok(EngineRun {
+        enqueue_msg_per_s: total as f64 / enqueue_secs,
+        end_to_end_msg_per_s: total as f64 / e2e_secs,
+        latency_ms: latency(lat),
+        vacuum_s,
+        peak_rss_mib: peak_rss_mib(),
+        delivered: total,
+        duplicates,
+    })
+}
