@@ -3,8 +3,10 @@
 //!
 //! * **Leased** (at-least-once): the instance takes the partition's lease (`lease.rs`), runs the
 //!   handler outside any transaction while renewing the lease every third of its TTL, and acks
-//!   with an ownership-guarded update. A lost lease cancels the running handler. The lease is
-//!   released when the partition runs dry, when a retry backoff starts and on `stop()`.
+//!   with an ownership-guarded update that also extends the lease. A lost lease cancels the
+//!   running handler. An idle partition's lease is not released (no write): it lapses after its
+//!   TTL, or is reused without a write when work arrives first, so a busy partition keeps its
+//!   owner. `stop()` releases every lease at once.
 //! * **Transactional** (exactly-once database side effects): the handler runs inside the
 //!   transaction that advances the cursor, under a `SKIP LOCKED` row lock on the partition's
 //!   `processor` row, each message inside a savepoint.
@@ -411,20 +413,14 @@ impl Partition {
 impl Partition {
     async fn step(&mut self) -> Result<Step> {
         let st = read_state(&self.inner.db, &self.state_sql, self.id).await?;
+        // Idle or backing off: no write at all. A lease we hold simply lapses after its TTL
+        // (or is reused if work arrives first), so idle partitions cause no lease churn.
         if st.high <= st.processed {
-            if self.holds_lease {
-                self.holds_lease = false;
-                lease::release(&self.inner.db, self.id, &self.inner.instance_id).await?;
-            }
             return Ok(Step::Idle);
         }
         if let Some(t) = st.retry_at
             && t > Utc::now()
         {
-            if self.holds_lease {
-                self.holds_lease = false;
-                lease::release(&self.inner.db, self.id, &self.inner.instance_id).await?;
-            }
             return Ok(at(t, false));
         }
         match self.queue.handler.clone() {
@@ -444,12 +440,13 @@ impl Partition {
     ) -> Result<Step> {
         let db = &self.inner.db;
         let me = self.inner.instance_id.as_str();
-        if !self.holds_lease {
-            let now = Utc::now();
-            if let (Some(other), Some(until)) = (&st.locked_by, st.locked_until)
-                && other != me
-                && until > now
-            {
+        let now = Utc::now();
+        let mine = st.locked_by.as_deref() == Some(me);
+        let until = st.locked_until.unwrap_or(DateTime::<Utc>::MIN_UTC);
+        // Ours with at least half a TTL left: go on without a write (acks extend it).
+        let half = self.inner.config.lease_ttl / 2;
+        if !(mine && until > now + half) {
+            if !mine && st.locked_by.is_some() && until > now {
                 // Someone else processes this partition; look again when its lease ends.
                 return Ok(at(until + chrono::Duration::milliseconds(10), true));
             }
@@ -457,14 +454,17 @@ impl Partition {
                 return Ok(at(Utc::now() + chrono::Duration::milliseconds(50), true));
             }
             self.holds_lease = true;
-            tracing::debug!(queue = %self.queue.name, partition = self.index, "lease acquired");
-            // The state read before the lease may predate the previous owner's last ack.
-            let fresh = read_state(db, &self.state_sql, self.id).await?;
-            if fresh.high <= fresh.processed || fresh.retry_at.is_some_and(|t| t > Utc::now()) {
-                return Ok(Step::More);
+            if !mine {
+                tracing::debug!(queue = %self.queue.name, partition = self.index, "lease acquired");
+                // The state read before the lease may predate the previous owner's last ack.
+                let fresh = read_state(db, &self.state_sql, self.id).await?;
+                if fresh.high <= fresh.processed || fresh.retry_at.is_some_and(|t| t > Utc::now()) {
+                    return Ok(Step::More);
+                }
+                st = fresh;
             }
-            st = fresh;
         }
+        self.holds_lease = true;
         let msgs = fetch(&db.conn, self, st.processed, st.attempts).await?;
         if msgs.is_empty() {
             return Ok(Step::Idle);
@@ -503,12 +503,7 @@ impl Partition {
         w.commit().await?;
         self.after_ack(&a, &msgs);
         Ok(match a.retry_at {
-            Some(t) => {
-                // Nobody needs the lease during the backoff; any instance may retry after it.
-                self.holds_lease = false;
-                lease::release(db, self.id, me).await?;
-                at(t, false)
-            }
+            Some(t) => at(t, false),
             None => Step::More,
         })
     }
