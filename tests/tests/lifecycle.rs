@@ -1,0 +1,370 @@
+//! Lifecycle and handler forms: `stop()` hands leases over at once, batch handlers (leased and
+//! transactional) with partial results, handler panics, orphaned bodies.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use common::{Recorder, count, eventually, fast_config, migrate, scalar};
+use modkit_outbox::{
+    HandlerResult, LeasedBatchHandler, Message, NewMessage, Outbox, OutboxConfig, Outcome,
+    Partitions, TransactionalBatchHandler,
+};
+use modkit_outbox_tests::{Backend, TestDb, backend_tests};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
+
+fn recorder_handler(
+    rec: &Recorder,
+) -> impl Fn(Message) -> std::pin::Pin<Box<dyn std::future::Future<Output = HandlerResult> + Send>>
++ Send
++ Sync
++ 'static {
+    let rec = rec.clone();
+    move |m: Message| {
+        let rec = rec.clone();
+        Box::pin(async move {
+            rec.push(&m);
+            Ok(Outcome::Ack)
+        })
+    }
+}
+
+async fn stop_hands_leases_over_at_once(db: TestDb) {
+    migrate(&db).await;
+    // A long lease: only an explicit release lets B in quickly.
+    let config = OutboxConfig {
+        lease_ttl: Duration::from_secs(60),
+        ..fast_config()
+    };
+    let a_rec = Recorder::default();
+    let a = Outbox::builder(db.connect().await)
+        .config(config.clone())
+        .queue("handover", Partitions::of(2))
+        .leased(recorder_handler(&a_rec))
+        .start()
+        .await
+        .expect("start A");
+    let outbox = a.outbox();
+    outbox
+        .enqueue(&db.conn, "handover", 0, "1", "t")
+        .await
+        .expect("enqueue");
+    outbox
+        .enqueue(&db.conn, "handover", 1, "2", "t")
+        .await
+        .expect("enqueue");
+    assert!(a_rec.wait_for(2, Duration::from_secs(10)).await);
+    let t = Instant::now();
+    a.stop().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "stop() returned promptly"
+    );
+    assert_eq!(
+        scalar(
+            &db.conn,
+            "SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE locked_by IS NOT NULL"
+        )
+        .await,
+        0,
+        "{:?}: stop() released the leases",
+        db.backend
+    );
+    let b_rec = Recorder::default();
+    let b = Outbox::builder(db.connect().await)
+        .config(config)
+        .queue("handover", Partitions::of(2))
+        .leased(recorder_handler(&b_rec))
+        .start()
+        .await
+        .expect("start B");
+    b.outbox()
+        .enqueue(&db.conn, "handover", 0, "3", "t")
+        .await
+        .expect("enqueue");
+    b.outbox()
+        .enqueue(&db.conn, "handover", 1, "4", "t")
+        .await
+        .expect("enqueue");
+    assert!(
+        b_rec.wait_for(2, Duration::from_secs(5)).await,
+        "B took over well before the 60 s lease would have expired"
+    );
+    b.stop().await;
+}
+
+/// Acks even seqs' predecessors... in short: acks until a message says "retry", rejects "bad".
+struct Batchy {
+    rec: Recorder,
+    calls: Arc<AtomicUsize>,
+}
+
+fn outcome_for(m: &Message) -> Outcome {
+    match &m.payload[..] {
+        b"bad" => Outcome::Reject("bad".into()),
+        b"flaky" if m.attempts < 2 => Outcome::Retry("first try fails".into()),
+        _ => Outcome::Ack,
+    }
+}
+
+#[async_trait]
+impl LeasedBatchHandler for Batchy {
+    async fn handle_batch(&self, msgs: &[Message]) -> Vec<HandlerResult> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut out = Vec::new();
+        for m in msgs {
+            let o = outcome_for(m);
+            if o == Outcome::Ack {
+                self.rec.push(m);
+            }
+            let stop = matches!(o, Outcome::Retry(_));
+            out.push(Ok(o));
+            if stop {
+                break;
+            }
+        }
+        out
+    }
+}
+
+async fn leased_batch_handler_partial_results(db: TestDb) {
+    migrate(&db).await;
+    let rec = Recorder::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let h = Outbox::builder(db.conn.clone())
+        .config(fast_config())
+        .queue("lb", Partitions::of(1))
+        .batch_size(50)
+        .leased_batch(Batchy {
+            rec: rec.clone(),
+            calls: calls.clone(),
+        })
+        .start()
+        .await
+        .expect("start");
+    let payloads = ["a", "b", "bad", "c", "flaky", "d", "e"];
+    let msgs: Vec<NewMessage> = payloads
+        .iter()
+        .map(|p| NewMessage::new("lb", 0, *p, "t"))
+        .collect();
+    h.outbox()
+        .enqueue_batch(&db.conn, &msgs)
+        .await
+        .expect("enqueue");
+    assert!(
+        rec.wait_for(6, Duration::from_secs(10)).await,
+        "{:?}: got {}",
+        db.backend,
+        rec.len()
+    );
+    let got: Vec<String> = rec
+        .all()
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).to_string())
+        .collect();
+    assert_eq!(got, ["a", "b", "c", "flaky", "d", "e"]);
+    assert!(
+        calls.load(Ordering::SeqCst) >= 2,
+        "the retry re-offered the rest of the batch"
+    );
+    assert_eq!(count(&db.conn, "modkit_outbox_dead_letters").await, 1);
+    h.stop().await;
+}
+
+/// Writes one row per message; the whole batch rolls back when any message is not acked.
+struct BatchWriter;
+
+#[async_trait]
+impl TransactionalBatchHandler for BatchWriter {
+    async fn handle_batch(
+        &self,
+        txn: &DatabaseTransaction,
+        msgs: &[Message],
+    ) -> Vec<HandlerResult> {
+        let mut out = Vec::new();
+        for m in msgs {
+            if let Err(e) = txn
+                .execute_raw(Statement::from_string(
+                    txn.get_database_backend(),
+                    format!("INSERT INTO effects (message_id) VALUES ({})", m.id),
+                ))
+                .await
+            {
+                out.push(Err(e.into()));
+                break;
+            }
+            let o = outcome_for(m);
+            let stop = matches!(o, Outcome::Retry(_));
+            out.push(Ok(o));
+            if stop {
+                break;
+            }
+        }
+        out
+    }
+}
+
+async fn transactional_batch_handler_replays_one_by_one(db: TestDb) {
+    migrate(&db).await;
+    db.conn
+        .execute_unprepared("CREATE TABLE effects (message_id BIGINT NOT NULL)")
+        .await
+        .expect("effects");
+    let h = Outbox::builder(db.conn.clone())
+        .config(fast_config())
+        .queue("tb", Partitions::of(1))
+        .transactional_batch(BatchWriter)
+        .start()
+        .await
+        .expect("start");
+    let payloads = ["a", "b", "bad", "c", "flaky", "d"];
+    let msgs: Vec<NewMessage> = payloads
+        .iter()
+        .map(|p| NewMessage::new("tb", 0, *p, "t"))
+        .collect();
+    let ids = h
+        .outbox()
+        .enqueue_batch(&db.conn, &msgs)
+        .await
+        .expect("enqueue");
+    let conn = db.conn.clone();
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let conn = conn.clone();
+            async move {
+                scalar(
+                    &conn,
+                    "SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE processed_seq = 6",
+                )
+                .await
+                    == 1
+            }
+        })
+        .await
+    );
+    h.stop().await;
+    // One effect per acked message; none for the rejected one; no doubles from the replays.
+    assert_eq!(
+        scalar(&db.conn, "SELECT COUNT(*) AS n FROM effects").await,
+        5
+    );
+    assert_eq!(
+        scalar(
+            &db.conn,
+            &format!(
+                "SELECT COUNT(*) AS n FROM effects WHERE message_id = {}",
+                ids[2]
+            )
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar(&db.conn, "SELECT COUNT(*) AS n FROM (SELECT message_id FROM effects GROUP BY message_id HAVING COUNT(*) > 1) d").await,
+        0
+    );
+    assert_eq!(count(&db.conn, "modkit_outbox_dead_letters").await, 1);
+}
+
+async fn handler_panic_is_retried_not_fatal(db: TestDb) {
+    migrate(&db).await;
+    let rec = Recorder::default();
+    let r = rec.clone();
+    let h = Outbox::builder(db.conn.clone())
+        .config(fast_config())
+        .queue("p", Partitions::of(1))
+        .leased(move |m: Message| {
+            let r = r.clone();
+            async move {
+                if m.attempts == 1 && &m.payload[..] == b"boom" {
+                    panic!("handler bug");
+                }
+                r.push(&m);
+                HandlerResult::Ok(Outcome::Ack)
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    h.outbox()
+        .enqueue(&db.conn, "p", 0, "boom", "t")
+        .await
+        .expect("enqueue");
+    h.outbox()
+        .enqueue(&db.conn, "p", 0, "next", "t")
+        .await
+        .expect("enqueue");
+    assert!(
+        rec.wait_for(2, Duration::from_secs(10)).await,
+        "{:?}: the processor survived the panic",
+        db.backend
+    );
+    assert_eq!(rec.all()[0].attempts, 2);
+    h.stop().await;
+}
+
+async fn orphaned_bodies_are_collected(db: TestDb) {
+    migrate(&db).await;
+    let old = match db.backend {
+        Backend::Postgres => "TIMESTAMPTZ '2020-01-01 00:00:00+00'",
+        Backend::MySql => "TIMESTAMP('2020-01-01 00:00:00')",
+        Backend::Sqlite => "'2020-01-01T00:00:00.000000Z'",
+    };
+    let blob = if db.backend == Backend::Postgres {
+        "'\\x00'::bytea"
+    } else {
+        "X'00'"
+    };
+    for _ in 0..3 {
+        db.conn
+            .execute_unprepared(&format!(
+                "INSERT INTO modkit_outbox_body (payload, payload_type, created_at) VALUES ({blob}, 'orphan', {old})"
+            ))
+            .await
+            .expect("orphan");
+    }
+    let h = Outbox::builder(db.conn.clone())
+        .config(OutboxConfig {
+            orphan_min_age: Duration::from_secs(60),
+            ..fast_config()
+        })
+        .queue("o", Partitions::of(1))
+        .leased(recorder_handler(&Recorder::default()))
+        .start()
+        .await
+        .expect("start");
+    // A young body that is still referenced must stay.
+    h.outbox()
+        .enqueue(&db.conn, "o", 0, "keep", "t")
+        .await
+        .expect("enqueue");
+    let conn = db.conn.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let conn = conn.clone();
+            async move {
+                scalar(
+                    &conn,
+                    "SELECT COUNT(*) AS n FROM modkit_outbox_body WHERE payload_type = 'orphan'",
+                )
+                .await
+                    == 0
+            }
+        })
+        .await,
+        "{:?}: orphans collected at start",
+        db.backend
+    );
+    h.stop().await;
+}
+
+backend_tests!(
+    stop_hands_leases_over_at_once,
+    leased_batch_handler_partial_results,
+    transactional_batch_handler_replays_one_by_one,
+    handler_panic_is_retried_not_fatal,
+    orphaned_bodies_are_collected,
+);
