@@ -257,13 +257,14 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
             ));
         }
         *expect = d.seq + 1;
-        if let Some(prev) = last_k.insert((d.producer, queue, d.partition), d.k) {
-            if prev >= d.k && problems.len() < 10 {
-                problems.push(format!(
-                    "producer {} partition {}: message {} after {prev}",
-                    d.producer, d.partition, d.k
-                ));
-            }
+        if let Some(prev) = last_k.insert((d.producer, queue, d.partition), d.k)
+            && prev >= d.k
+            && problems.len() < 10
+        {
+            problems.push(format!(
+                "producer {} partition {}: message {} after {prev}",
+                d.producer, d.partition, d.k
+            ));
         }
     }
     if first_seen.len() != total {
