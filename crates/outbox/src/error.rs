@@ -72,6 +72,25 @@ pub enum OutboxError {
     /// A configuration value outside its allowed range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// An argument outside its allowed range or format (admin API inputs).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// No dead letter with this id.
+    #[error("dead letter {0} not found")]
+    NotFound(i64),
+    /// A dead-letter transition attempted from a state that does not allow it; nothing changed.
+    #[error("dead letter {id} is {status}, expected {expected}; nothing changed")]
+    WrongState {
+        /// Dead-letter id.
+        id: i64,
+        /// Its current status.
+        status: crate::dead_letters::DeadLetterStatus,
+        /// What the transition needs.
+        expected: String,
+    },
+    /// Rows changed under a multi-row operation, which was rolled back; retry it.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The backend is not one the outbox supports.
     #[error("unsupported database backend {0}")]
     UnsupportedBackend(String),

@@ -108,6 +108,12 @@ impl<H: LeasedHandler> LeasedBatchHandler for LeasedPerMessage<H> {
     }
 }
 
+/// A savepoint statement failed: the surrounding transaction is unusable (e.g. MySQL rolled it
+/// back on a deadlock), so the whole step must be abandoned, never committed.
+#[derive(Debug, thiserror::Error)]
+#[error("savepoint failed, transaction abandoned: {0}")]
+pub(crate) struct TxnBroken(pub(crate) sea_orm::DbErr);
+
 /// Adapts a per-message transactional handler: one savepoint per message.
 pub(crate) struct TransactionalPerMessage<H>(pub H);
 
@@ -123,7 +129,7 @@ impl<H: TransactionalHandler> TransactionalBatchHandler for TransactionalPerMess
             let sp = match txn.begin().await {
                 Ok(sp) => sp,
                 Err(e) => {
-                    out.push(Err(Box::new(e) as HandlerError));
+                    out.push(Err(Box::new(TxnBroken(e)) as HandlerError));
                     break;
                 }
             };
@@ -131,11 +137,11 @@ impl<H: TransactionalHandler> TransactionalBatchHandler for TransactionalPerMess
             let r = match r {
                 Ok(Outcome::Ack) => match sp.commit().await {
                     Ok(()) => Ok(Outcome::Ack),
-                    Err(e) => Err(Box::new(e) as HandlerError),
+                    Err(e) => Err(Box::new(TxnBroken(e)) as HandlerError),
                 },
                 other => {
                     if let Err(e) = sp.rollback().await {
-                        out.push(Err(Box::new(e) as HandlerError));
+                        out.push(Err(Box::new(TxnBroken(e)) as HandlerError));
                         break;
                     }
                     other

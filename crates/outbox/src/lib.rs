@@ -40,6 +40,7 @@
 
 mod backend;
 mod config;
+mod dead_letters;
 mod enqueue;
 mod error;
 mod handler;
@@ -58,6 +59,10 @@ pub use config::{
     DEFAULT_ORPHAN_SWEEP_INTERVAL, DEFAULT_POLL_INTERVAL, DEFAULT_SEQUENCER_BATCH,
     DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_VACUUM_CHUNK, DEFAULT_VACUUM_INTERVAL, MAX_PARTITIONS,
     OutboxConfig, RetryPolicy,
+};
+pub use dead_letters::{
+    DEFAULT_PAGE_SIZE, DEFAULT_PURGE_CHUNK, DeadLetter, DeadLetterFilter, DeadLetterPage,
+    DeadLetterStatus, DeadLetters, MAX_BATCH, MAX_PAGE_SIZE, ReplayReport,
 };
 pub use enqueue::EnqueueConn;
 pub use error::{OutboxError, Result};

@@ -60,6 +60,11 @@ impl Outbox {
         }
     }
 
+    /// The dead-letter API on this outbox's database.
+    pub fn dead_letters(&self) -> crate::dead_letters::DeadLetters {
+        crate::dead_letters::DeadLetters::from_db(self.inner.db.clone())
+    }
+
     /// This instance's lease owner name.
     pub fn instance_id(&self) -> &str {
         &self.inner.instance_id

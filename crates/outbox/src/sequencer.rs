@@ -34,6 +34,8 @@ const RECHECK_MIN: Duration = Duration::from_millis(1);
 const RECHECK_MAX: Duration = Duration::from_millis(25);
 /// Re-check delay when partitions were skipped because another instance held them.
 const SKIPPED_RECHECK: Duration = Duration::from_millis(20);
+/// Partitions one pass works on (keeps every statement far below bind-parameter limits).
+const MAX_PARTITIONS_PER_PASS: usize = 512;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct PassResult {
@@ -57,6 +59,8 @@ pub(crate) async fn pass(inner: &Inner) -> Result<PassResult> {
     if candidates.is_empty() {
         return Ok(PassResult::default());
     }
+    // Bounded statement size (bind-parameter limits); the loop runs another pass for the rest.
+    let candidates = &candidates[..candidates.len().min(MAX_PARTITIONS_PER_PASS)];
 
     let w = db.begin_write().await?;
     let t = &w.txn;
@@ -215,6 +219,7 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
                 Ok(r) if r.moved > 0 => {
                     error_backoff = Duration::from_millis(50);
                     recheck = RECHECK_MIN;
+                    skipped_rounds = 0;
                     continue;
                 }
                 Ok(r) => {

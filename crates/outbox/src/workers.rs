@@ -46,15 +46,22 @@ async fn reconcile(inner: Arc<Inner>, cancel: CancellationToken) {
         .flat_map(|q| q.partition_ids.iter().copied())
         .collect();
     let d = inner.db.dialect;
-    let sql = (!ids.is_empty()).then(|| {
-        format!(
-            "SELECT p.id FROM modkit_outbox_partitions p \
-             JOIN modkit_outbox_processor pr ON pr.partition_id = p.id \
-             WHERE p.{seq} > pr.processed_seq AND p.id IN ({})",
-            placeholders(ids.len()),
-            seq = d.q("sequence")
-        )
-    });
+    // Bounded `IN` lists (bind-parameter limits).
+    let chunks: Vec<(String, Vec<i64>)> = ids
+        .chunks(1000)
+        .map(|c| {
+            (
+                format!(
+                    "SELECT p.id FROM modkit_outbox_partitions p \
+                     JOIN modkit_outbox_processor pr ON pr.partition_id = p.id \
+                     WHERE p.{seq} > pr.processed_seq AND p.id IN ({})",
+                    placeholders(c.len()),
+                    seq = d.q("sequence")
+                ),
+                c.to_vec(),
+            )
+        })
+        .collect();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -62,20 +69,21 @@ async fn reconcile(inner: Arc<Inner>, cancel: CancellationToken) {
             _ = inner.signals.reconcile_wait() => {}
         }
         inner.signals.incoming_committed();
-        let Some(sql) = &sql else { continue };
-        match inner
-            .db
-            .query_all(sql, ids.iter().map(|i| sea_orm::Value::from(*i)).collect())
-            .await
-        {
-            Ok(rows) => {
-                for r in rows {
-                    if let Ok(id) = r.try_get::<i64>("", "id") {
-                        inner.signals.wake_processor(id);
+        for (sql, ids) in &chunks {
+            match inner
+                .db
+                .query_all(sql, ids.iter().map(|i| sea_orm::Value::from(*i)).collect())
+                .await
+            {
+                Ok(rows) => {
+                    for r in rows {
+                        if let Ok(id) = r.try_get::<i64>("", "id") {
+                            inner.signals.wake_processor(id);
+                        }
                     }
                 }
+                Err(e) => tracing::warn!(error = %e, "reconcile query failed"),
             }
-            Err(e) => tracing::warn!(error = %e, "reconcile query failed"),
         }
     }
 }

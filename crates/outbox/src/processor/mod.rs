@@ -316,6 +316,8 @@ pub(crate) struct Partition {
     pub(crate) id: i64,
     notify: Arc<Notify>,
     holds_lease: bool,
+    /// When our lease ends, as we last wrote it (acquire, renewal, ack).
+    lease_expires: DateTime<Utc>,
     state_sql: String,
 }
 
@@ -339,6 +341,7 @@ impl Partition {
             id,
             notify,
             holds_lease: false,
+            lease_expires: DateTime::<Utc>::MIN_UTC,
             state_sql,
         }
     }
@@ -438,27 +441,32 @@ impl Partition {
         mut st: State,
         handler: Arc<dyn crate::handler::LeasedBatchHandler>,
     ) -> Result<Step> {
-        let db = &self.inner.db;
-        let me = self.inner.instance_id.as_str();
+        let db = self.inner.db.clone();
+        let inner = self.inner.clone();
+        let me = inner.instance_id.as_str();
         let now = Utc::now();
         let mine = st.locked_by.as_deref() == Some(me);
         let until = st.locked_until.unwrap_or(DateTime::<Utc>::MIN_UTC);
         // Ours with at least half a TTL left: go on without a write (acks extend it).
-        let half = self.inner.config.lease_ttl / 2;
-        if !(mine && until > now + half) {
+        let half = inner.config.lease_ttl / 2;
+        if mine && until > now + half {
+            self.lease_expires = until;
+        } else {
             if !mine && st.locked_by.is_some() && until > now {
                 // Someone else processes this partition; look again when its lease ends.
                 return Ok(at(until + chrono::Duration::milliseconds(10), true));
             }
-            if !lease::acquire(db, self.id, me, now, self.lease_until()).await? {
+            let new_until = self.lease_until();
+            if !lease::acquire(&db, self.id, me, now, new_until).await? {
                 return Ok(at(Utc::now() + chrono::Duration::milliseconds(50), true));
             }
-            self.holds_lease = true;
+            self.lease_expires = new_until;
             if !mine {
                 tracing::debug!(queue = %self.queue.name, partition = self.index, "lease acquired");
                 // The state read before the lease may predate the previous owner's last ack.
-                let fresh = read_state(db, &self.state_sql, self.id).await?;
+                let fresh = read_state(&db, &self.state_sql, self.id).await?;
                 if fresh.high <= fresh.processed || fresh.retry_at.is_some_and(|t| t > Utc::now()) {
+                    self.holds_lease = true;
                     return Ok(Step::More);
                 }
                 st = fresh;
@@ -485,15 +493,8 @@ impl Partition {
         }
         let w = db.begin_write().await?;
         insert_dead_letters(&w.txn, self, &a.dead).await?;
-        if !write_cursor(
-            &w.txn,
-            self,
-            st.processed,
-            &a,
-            Some((me, self.lease_until())),
-        )
-        .await?
-        {
+        let new_until = self.lease_until();
+        if !write_cursor(&w.txn, self, st.processed, &a, Some((me, new_until))).await? {
             w.rollback().await?;
             self.holds_lease = false;
             tracing::warn!(queue = %self.queue.name, partition = self.index,
@@ -501,6 +502,7 @@ impl Partition {
             return Ok(Step::More);
         }
         w.commit().await?;
+        self.lease_expires = new_until;
         self.after_ack(&a, &msgs);
         Ok(match a.retry_at {
             Some(t) => at(t, false),
@@ -508,32 +510,42 @@ impl Partition {
         })
     }
 
-    /// Runs the handler while renewing the lease; `None` when the lease was lost (the handler
-    /// future is dropped, i.e. cancelled).
+    /// Runs the handler while renewing the lease; `None` when the lease was lost or could not be
+    /// renewed before it ran out (the handler future is then dropped, i.e. cancelled).
     async fn run_leased(
-        &self,
+        &mut self,
         handler: &Arc<dyn crate::handler::LeasedBatchHandler>,
         msgs: &[Message],
     ) -> Result<Option<Vec<HandlerResult>>> {
         let ttl = self.inner.config.lease_ttl;
         let renew_every = ttl / 3;
-        let db = &self.inner.db;
-        let me = self.inner.instance_id.as_str();
+        let db = self.inner.db.clone();
+        let inner = self.inner.clone();
+        let me = inner.instance_id.as_str();
         let work = catch_panic_batch(handler.handle_batch(msgs), msgs.len());
         tokio::pin!(work);
-        let mut tick = tokio::time::interval_at(Instant::now() + renew_every, renew_every);
-        let mut expires = Instant::now() + ttl;
+        // Count down from the expiry actually written, which may be less than a full TTL away.
+        let left = (self.lease_expires - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
+        let mut expires = Instant::now() + left;
+        let first = renew_every.min(left / 2);
+        let mut tick = tokio::time::interval_at(Instant::now() + first, renew_every);
         loop {
             tokio::select! {
                 r = &mut work => return Ok(Some(r)),
                 _ = tick.tick() => {
+                    let until = Utc::now() + ttl;
                     let renewed = tokio::time::timeout(
                         renew_every,
-                        lease::renew(db, self.id, me, self.lease_until()),
+                        lease::renew(&db, self.id, me, until),
                     )
                     .await;
                     match renewed {
-                        Ok(Ok(true)) => expires = Instant::now() + ttl,
+                        Ok(Ok(true)) => {
+                            expires = Instant::now() + ttl;
+                            self.lease_expires = until;
+                        }
                         Ok(Ok(false)) => return Ok(None),
                         Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
                         Err(_) => tracing::warn!("lease renewal timed out"),
@@ -584,6 +596,15 @@ impl Partition {
         } else {
             run_batch_in_savepoint(&w.txn, &handler, &msgs).await?
         };
+        if let Some(Err(e)) = results
+            .iter()
+            .find(|r| matches!(r, Err(e) if e.is::<crate::handler::TxnBroken>()))
+        {
+            // Dropping the transaction rolls everything back, acked messages included.
+            let msg = e.to_string();
+            drop(w);
+            return Err(OutboxError::Db(sea_orm::DbErr::Custom(msg)));
+        }
         let a = apply(&msgs, &results, processed, attempts, &self.queue);
         if a.processed == processed && a.retry_at.is_none() {
             w.rollback().await?;
