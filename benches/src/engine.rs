@@ -132,7 +132,10 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
     let admin = connect(&target.url, 2).await?;
     modkit_outbox_migration::Migrator::fresh(&admin).await?;
     let log = Log::default();
-    let config = OutboxConfig::default();
+    let config = OutboxConfig {
+        sequencer_workers: args.sequencer_workers,
+        ..OutboxConfig::default()
+    };
     let mut handles = Vec::new();
     for _ in 0..args.instances {
         let conn = connect(&target.url, pool_size(b, 10)).await?;

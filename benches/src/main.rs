@@ -65,6 +65,9 @@ pub struct Args {
     /// Engine instances in this process, each with its own pool.
     #[arg(long, default_value_t = 1)]
     pub instances: usize,
+    /// Concurrent sequencer transactions per instance (engine default when absent).
+    #[arg(long)]
+    pub sequencer_workers: Option<usize>,
     /// Runs; the last line then reports medians.
     #[arg(long, default_value_t = 1)]
     pub runs: usize,
@@ -97,6 +100,12 @@ struct Line<'a> {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     if args.producers == 0
         || args.batch == 0
         || args.messages < args.producers

@@ -114,7 +114,7 @@ async fn crashed_instance_is_taken_over(db: TestDb) {
 async fn slow_handler_keeps_its_lease(db: TestDb) {
     migrate(&db).await;
     let config = OutboxConfig {
-        lease_ttl: Duration::from_millis(600),
+        lease_ttl: Duration::from_millis(1500),
         ..fast_config()
     };
     let deliveries = Arc::new(AtomicUsize::new(0));
@@ -129,8 +129,8 @@ async fn slow_handler_keeps_its_lease(db: TestDb) {
                     let d = d.clone();
                     async move {
                         d.fetch_add(1, Ordering::SeqCst);
-                        // Five lease TTLs long: only renewal keeps the lease.
-                        tokio::time::sleep(Duration::from_secs(3)).await;
+                        // Three lease TTLs long: only renewal keeps the lease.
+                        tokio::time::sleep(Duration::from_millis(4500)).await;
                         HandlerResult::Ok(Outcome::Ack)
                     }
                 })

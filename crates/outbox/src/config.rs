@@ -12,6 +12,11 @@ pub const MAX_PARTITIONS: u32 = 4096;
 pub const DEFAULT_BATCH_SIZE: usize = 256;
 /// Incoming rows the sequencer moves per partition in one pass.
 pub const DEFAULT_SEQUENCER_BATCH: usize = 1000;
+/// Concurrent sequencer transactions per instance on PostgreSQL (each on its own partitions).
+/// MySQL/MariaDB and SQLite default to 1: SQLite has one writer, and on MariaDB concurrent
+/// sequencer transactions were seen to deadlock on their `incoming` deletes (retried, but
+/// wasted) while one transaction already keeps up with the producers.
+pub const DEFAULT_SEQUENCER_WORKERS: usize = 4;
 /// Delivery attempts before a message is dead-lettered (the first delivery counts).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
 /// Backoff before the second attempt; doubles per attempt, with ±25 % jitter.
@@ -79,6 +84,9 @@ pub struct OutboxConfig {
     pub batch_size: usize,
     /// Incoming rows sequenced per partition per pass ([`DEFAULT_SEQUENCER_BATCH`]).
     pub sequencer_batch: usize,
+    /// Concurrent sequencer transactions; `None` = the backend's default
+    /// ([`DEFAULT_SEQUENCER_WORKERS`] on PostgreSQL, 1 elsewhere). Always 1 on SQLite.
+    pub sequencer_workers: Option<usize>,
     /// Lease duration in leased mode ([`DEFAULT_LEASE_TTL`]).
     pub lease_ttl: Duration,
     /// Fallback poll interval ([`DEFAULT_POLL_INTERVAL`]).
@@ -105,6 +113,7 @@ impl Default for OutboxConfig {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             batch_size: DEFAULT_BATCH_SIZE,
             sequencer_batch: DEFAULT_SEQUENCER_BATCH,
+            sequencer_workers: None,
             lease_ttl: DEFAULT_LEASE_TTL,
             poll_interval: DEFAULT_POLL_INTERVAL,
             vacuum_chunk: DEFAULT_VACUUM_CHUNK,
@@ -126,6 +135,9 @@ impl OutboxConfig {
         }
         if self.sequencer_batch == 0 || self.sequencer_batch > 10_000 {
             return bad("sequencer_batch must be 1..=10000");
+        }
+        if self.sequencer_workers.is_some_and(|w| w == 0 || w > 64) {
+            return bad("sequencer_workers must be 1..=64");
         }
         if self.vacuum_chunk == 0 || self.vacuum_chunk > 10_000 {
             return bad("vacuum_chunk must be 1..=10000");

@@ -32,8 +32,9 @@ pub const MAX_PAGE_SIZE: u64 = 1000;
 pub const DEFAULT_PAGE_SIZE: u64 = 50;
 /// Rows one purge statement deletes.
 pub const DEFAULT_PURGE_CHUNK: u64 = 500;
-/// Most dead letters one replay, claim or discard call handles.
-pub const MAX_BATCH: u64 = 10_000;
+/// Most dead letters one replay, claim or discard call handles (and most ids a filter may
+/// name): one statement's `IN` list stays below MariaDB's conversion threshold.
+pub const MAX_BATCH: u64 = crate::backend::MAX_IN_LIST as u64;
 
 /// Where a dead letter is in its life (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

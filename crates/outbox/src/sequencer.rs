@@ -23,7 +23,7 @@ use std::time::Duration;
 use sea_orm::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Dialect, execute, placeholders, postgres, query_all};
+use crate::backend::{Dialect, MAX_IN_LIST, execute, placeholders, postgres, query_all};
 use crate::error::{OutboxError, Result};
 use crate::outbox::Inner;
 use crate::signals::PENDING_COMMIT_WINDOW;
@@ -35,7 +35,7 @@ const RECHECK_MAX: Duration = Duration::from_millis(25);
 /// Re-check delay when partitions were skipped because another instance held them.
 const SKIPPED_RECHECK: Duration = Duration::from_millis(20);
 /// Partitions one pass works on (keeps every statement far below bind-parameter limits).
-const MAX_PARTITIONS_PER_PASS: usize = 512;
+const MAX_PARTITIONS_PER_PASS: usize = MAX_IN_LIST;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct PassResult {
@@ -43,25 +43,49 @@ pub(crate) struct PassResult {
     pub(crate) skipped: bool,
 }
 
-/// One sequencing pass over every partition that has incoming rows.
+/// One sequencing pass over every partition that has incoming rows: the partitions are split
+/// into up to `sequencer_workers` disjoint groups sequenced concurrently, each in its own
+/// transaction (one group on SQLite, which has a single writer).
 pub(crate) async fn pass(inner: &Inner) -> Result<PassResult> {
     let db = &inner.db;
-    let d = db.dialect;
+    // One index probe per partition row: cheap however large the incoming backlog is.
     let candidates: Vec<i64> = db
         .query_all(
-            "SELECT DISTINCT partition_id FROM modkit_outbox_incoming",
+            "SELECT p.id FROM modkit_outbox_partitions p WHERE EXISTS \
+             (SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) ORDER BY p.id",
             vec![],
         )
         .await?
         .iter()
-        .map(|r| r.try_get::<i64>("", "partition_id"))
+        .map(|r| r.try_get::<i64>("", "id"))
         .collect::<std::result::Result<_, _>>()?;
     if candidates.is_empty() {
         return Ok(PassResult::default());
     }
     // Bounded statement size (bind-parameter limits); the loop runs another pass for the rest.
     let candidates = &candidates[..candidates.len().min(MAX_PARTITIONS_PER_PASS)];
+    let workers = match (db.dialect, inner.config.sequencer_workers) {
+        (Dialect::Sqlite, _) => 1,
+        (_, Some(w)) => w,
+        (Dialect::Postgres, None) => crate::config::DEFAULT_SEQUENCER_WORKERS,
+        (Dialect::MySql, None) => 1,
+    };
+    let per = candidates.len().div_ceil(workers);
+    let results =
+        futures::future::join_all(candidates.chunks(per).map(|g| pass_group(inner, g))).await;
+    let mut total = PassResult::default();
+    for r in results {
+        let r = r?;
+        total.moved += r.moved;
+        total.skipped |= r.skipped;
+    }
+    Ok(total)
+}
 
+/// Sequences one group of partitions in one transaction.
+async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
+    let db = &inner.db;
+    let d = db.dialect;
     let w = db.begin_write().await?;
     let t = &w.txn;
     let lock_sql = format!(
@@ -165,7 +189,7 @@ pub(crate) async fn pass(inner: &Inner) -> Result<PassResult> {
     execute(t, d, &sql, args).await?;
 
     let mut deleted = 0;
-    for chunk in incoming_ids.chunks(1000) {
+    for chunk in incoming_ids.chunks(MAX_IN_LIST) {
         let sql = format!(
             "DELETE FROM modkit_outbox_incoming WHERE id IN ({})",
             placeholders(chunk.len())

@@ -18,7 +18,7 @@ use sea_orm::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{execute, placeholders, query_all};
+use crate::backend::{MAX_IN_LIST, execute, placeholders, query_all};
 use crate::error::Result;
 use crate::outbox::Inner;
 
@@ -105,12 +105,12 @@ async fn vacuum_chunk(inner: &Inner, pid: i64, processed: i64) -> Result<u64> {
         vec![Value::from(pid), Value::from(counter), Value::from(high)],
     )
     .await?;
-    if !bodies.is_empty() {
+    for chunk in bodies.chunks(MAX_IN_LIST) {
         let sql = format!(
             "DELETE FROM modkit_outbox_body WHERE id IN ({})",
-            placeholders(bodies.len())
+            placeholders(chunk.len())
         );
-        execute(t, d, &sql, bodies.iter().map(|b| Value::from(*b)).collect()).await?;
+        execute(t, d, &sql, chunk.iter().map(|b| Value::from(*b)).collect()).await?;
     }
     execute(
         t,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Dialect, placeholders};
+use crate::backend::{Dialect, MAX_IN_LIST, placeholders};
 use crate::outbox::{Inner, Outbox};
 use crate::processor::Partition;
 
@@ -48,7 +48,7 @@ async fn reconcile(inner: Arc<Inner>, cancel: CancellationToken) {
     let d = inner.db.dialect;
     // Bounded `IN` lists (bind-parameter limits).
     let chunks: Vec<(String, Vec<i64>)> = ids
-        .chunks(1000)
+        .chunks(MAX_IN_LIST)
         .map(|c| {
             (
                 format!(

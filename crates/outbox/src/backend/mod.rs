@@ -114,6 +114,12 @@ impl Dialect {
     }
 }
 
+/// Longest `IN (…)` list the engine sends. MariaDB turns an `IN` list of 1000 or more values
+/// (`in_predicate_conversion_threshold`) into a subquery, and a `DELETE`/`UPDATE` with it then
+/// scans and locks the whole table, deadlocking with every concurrent writer (the trap the
+/// reference engine fell into). Below the threshold the list is a primary-key range lookup.
+pub(crate) const MAX_IN_LIST: usize = 500;
+
 /// `?, ?, …` with `n` placeholders, for `IN (…)` lists.
 pub(crate) fn placeholders(n: usize) -> String {
     let mut s = String::with_capacity(n * 3);
