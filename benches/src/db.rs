@@ -78,11 +78,11 @@ pub async fn fresh(url: &str) -> Result<Target, Box<dyn std::error::Error>> {
     })
 }
 
-/// Pool size for one engine instance or the producers: SQLite gets one writer connection more
-/// than it needs readers; servers get a handful.
+/// Pool size of the producers (and the floor's writers): SQLite has one writer, so one
+/// connection (more only add `SQLITE_BUSY` sleeps); servers get one per producer.
 pub fn pool_size(backend: DbBackend, wanted: u32) -> u32 {
     match backend {
-        DbBackend::Sqlite => wanted.clamp(2, 4),
+        DbBackend::Sqlite => 1,
         _ => wanted.max(2),
     }
 }

@@ -10,7 +10,7 @@ use modkit_outbox::{
     HandlerResult, LeasedBatchHandler, Message, NewMessage, Outbox, OutboxConfig, Outcome,
     Partitions, TransactionalBatchHandler,
 };
-use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement, TransactionTrait};
 use sea_orm_migration::MigratorTrait;
 use serde::Serialize;
 
@@ -138,7 +138,8 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
     };
     let mut handles = Vec::new();
     for _ in 0..args.instances {
-        let conn = connect(&target.url, pool_size(b, 10)).await?;
+        // The engine's own pool: reads run in parallel, its writes are serialized on SQLite.
+        let conn = connect(&target.url, if b == DbBackend::Sqlite { 4 } else { 10 }).await?;
         let mut builder = Outbox::builder(conn).config(config.clone());
         for q in 0..args.queues {
             let qb = builder.queue(format!("bench{q}"), Partitions::of(args.partitions));

@@ -146,9 +146,11 @@ impl Outbox {
         async {
             let ids = if txn.in_transaction() {
                 let ids = enqueue::insert(txn, d, &resolved).await?;
-                // Not committed yet: the sequencer re-checks for a short while (and PostgreSQL
-                // notifies every instance on commit).
-                self.inner.signals.enqueued();
+                // Not committed yet. PostgreSQL notifies every instance (this one included) on
+                // commit; elsewhere the sequencer re-checks for a short while.
+                if d != Dialect::Postgres {
+                    self.inner.signals.enqueued();
+                }
                 ids
             } else {
                 let own = txn.begin().await?;

@@ -23,7 +23,7 @@ use crate::error::Result;
 use crate::outbox::Inner;
 
 /// Shortest pause between two vacuum runs triggered by acks (batches the work).
-const MIN_PAUSE: Duration = Duration::from_millis(50);
+const MIN_PAUSE: Duration = Duration::from_millis(200);
 
 /// Vacuums every partition that has processed rows left. Returns the rows deleted.
 pub(crate) async fn run_once(inner: &Inner) -> Result<u64> {
@@ -56,7 +56,7 @@ pub(crate) async fn run_once(inner: &Inner) -> Result<u64> {
 async fn vacuum_chunk(inner: &Inner, pid: i64, processed: i64) -> Result<u64> {
     let db = &inner.db;
     let d = db.dialect;
-    let w = db.begin_write().await?;
+    let w = db.begin_bookkeeping().await?;
     let t = &w.txn;
     let lock = format!(
         "SELECT counter FROM modkit_outbox_vacuum_counter WHERE partition_id = ?{}",

@@ -20,6 +20,7 @@ pub(crate) fn spawn_all(outbox: &Outbox, cancel: &CancellationToken, tasks: &mut
         tasks.spawn(crate::backend::postgres::listen(
             inner.db.conn.clone(),
             inner.signals.clone(),
+            inner.instance_id.clone(),
             cancel.child_token(),
         ));
     }

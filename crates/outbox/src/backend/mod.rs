@@ -184,6 +184,20 @@ impl Db {
     /// no gap locks against producers), the default READ COMMITTED on PostgreSQL, `BEGIN
     /// IMMEDIATE` behind the write gate on SQLite.
     pub(crate) async fn begin_write(&self) -> std::result::Result<WriteTxn, DbErr> {
+        self.begin(true).await
+    }
+
+    /// Begins an engine bookkeeping transaction (sequencing, leased acks, vacuum). On
+    /// PostgreSQL its commit does not wait for the WAL flush (`synchronous_commit = off`): a
+    /// server crash may lose the last few hundred milliseconds of bookkeeping, which the engine
+    /// then redoes (rows are sequenced again, a leased batch is delivered again, at least once).
+    /// It never loses a message: the producer's commit and every later durable commit flush
+    /// the WAL up to themselves. Keeps the engine's commits off the producers' fsync budget.
+    pub(crate) async fn begin_bookkeeping(&self) -> std::result::Result<WriteTxn, DbErr> {
+        self.begin(false).await
+    }
+
+    async fn begin(&self, durable: bool) -> std::result::Result<WriteTxn, DbErr> {
         let gate = match &self.gate {
             Some(g) => Some(g.clone().lock_owned().await),
             None => None,
@@ -194,7 +208,14 @@ impl Db {
                     .begin_with_config(Some(IsolationLevel::ReadCommitted), None)
                     .await?
             }
-            Dialect::Postgres => self.conn.begin().await?,
+            Dialect::Postgres => {
+                let t = self.conn.begin().await?;
+                if !durable {
+                    t.execute_unprepared("SET LOCAL synchronous_commit = off")
+                        .await?;
+                }
+                t
+            }
             Dialect::Sqlite => {
                 self.conn
                     .begin_with_options(TransactionOptions {
@@ -206,6 +227,15 @@ impl Db {
             }
         };
         Ok(WriteTxn { txn, _gate: gate })
+    }
+
+    /// Holds the SQLite write gate (nothing elsewhere) while a caller writes outside
+    /// [`Db::begin_write`].
+    pub(crate) async fn write_gate(&self) -> Option<OwnedMutexGuard<()>> {
+        match &self.gate {
+            Some(g) => Some(g.clone().lock_owned().await),
+            None => None,
+        }
     }
 
     /// Executes one write statement outside a transaction; on SQLite behind the write gate.

@@ -15,7 +15,8 @@ use crate::signals::Signals;
 pub(crate) const CHANNEL: &str = "modkit_outbox";
 /// Payload telling sequencers that incoming rows were committed.
 pub(crate) const INCOMING: &str = "i";
-/// Prefix of the payload telling processors that partition `<id>` got new sequenced rows.
+/// Prefix of the payload telling processors that partition `<id>` got new sequenced rows:
+/// `s:<partition id>:<instance id>`; an instance ignores its own (it already woke locally).
 pub(crate) const SEQUENCED_PREFIX: &str = "s:";
 
 /// One message: body, incoming row and notification in a single statement (one round trip).
@@ -32,13 +33,14 @@ pub(crate) const NOTIFY_INCOMING: &str = "SELECT pg_notify('modkit_outbox', 'i')
 pub(crate) async fn notify_sequenced<C: ConnectionTrait>(
     c: &C,
     partition_ids: &[i64],
+    instance: &str,
 ) -> Result<(), sea_orm::DbErr> {
     if partition_ids.is_empty() {
         return Ok(());
     }
     let payload = partition_ids
         .iter()
-        .map(|p| format!("{SEQUENCED_PREFIX}{p}"))
+        .map(|p| format!("{SEQUENCED_PREFIX}{p}:{instance}"))
         .collect::<Vec<_>>();
     let sql = format!(
         "SELECT pg_notify('{CHANNEL}', x) FROM (VALUES {}) AS v(x)",
@@ -63,6 +65,7 @@ pub(crate) async fn notify_sequenced<C: ConnectionTrait>(
 pub(crate) async fn listen(
     conn: DatabaseConnection,
     signals: Arc<Signals>,
+    instance: String,
     cancel: CancellationToken,
 ) {
     let pool = conn.get_postgres_connection_pool().clone();
@@ -105,9 +108,11 @@ pub(crate) async fn listen(
                     let payload = n.payload();
                     if payload == INCOMING {
                         signals.incoming_committed();
-                    } else if let Some(id) = payload
+                    } else if let Some((id, from)) = payload
                         .strip_prefix(SEQUENCED_PREFIX)
-                        .and_then(|s| s.parse::<i64>().ok())
+                        .and_then(|s| s.split_once(':'))
+                        && from != instance
+                        && let Ok(id) = id.parse::<i64>()
                     {
                         signals.wake_processor(id);
                     }

@@ -140,27 +140,83 @@ async fn fetch<C: ConnectionTrait>(
         ],
     )
     .await?;
-    let mut out = Vec::with_capacity(rows.len());
+    rows.iter()
+        .map(|r| row_to_message(r, p, after, head_attempts))
+        .collect()
+}
+
+fn row_to_message(
+    r: &sea_orm::QueryResult,
+    p: &Partition,
+    after: i64,
+    head_attempts: i64,
+) -> Result<Message> {
+    let seq: i64 = r.try_get("", "seq")?;
+    let payload: Vec<u8> = r.try_get("", "payload")?;
+    Ok(Message {
+        id: r.try_get("", "id")?,
+        queue: p.queue.name.clone(),
+        partition: p.index,
+        seq,
+        payload: payload.into(),
+        payload_type: r.try_get("", "payload_type")?,
+        headers: decode_headers(r.try_get("", "headers")?),
+        attempts: if seq == after + 1 {
+            u32::try_from(head_attempts.saturating_add(1)).unwrap_or(u32::MAX)
+        } else {
+            1
+        },
+        created_at: get_time(r, "created_at")?,
+    })
+}
+
+/// State and the next batch in one round trip (leased mode). Seqs are gapless, so the batch is
+/// the range `(processed_seq, processed_seq + batch_size]`; an idle partition yields one row
+/// with no message.
+fn state_and_batch_sql(db: &Db) -> String {
+    format!(
+        "SELECT p.{seq} AS high, pr.processed_seq, pr.attempts, pr.retry_at, pr.locked_by, \
+         pr.locked_until, o.seq, b.id, b.payload, b.payload_type, b.headers, b.created_at \
+         FROM modkit_outbox_processor pr \
+         JOIN modkit_outbox_partitions p ON p.id = pr.partition_id \
+         LEFT JOIN modkit_outbox_outgoing o ON o.partition_id = pr.partition_id \
+           AND o.seq > pr.processed_seq AND o.seq <= pr.processed_seq + ? \
+         LEFT JOIN modkit_outbox_body b ON b.id = o.body_id \
+         WHERE pr.partition_id = ? ORDER BY o.seq",
+        seq = db.dialect.q("sequence")
+    )
+}
+
+async fn read_state_and_batch(p: &Partition) -> Result<(State, Vec<Message>)> {
+    let rows = p
+        .inner
+        .db
+        .query_all(
+            &p.batch_sql,
+            vec![Value::from(p.queue.batch_size as i64), Value::from(p.id)],
+        )
+        .await?;
+    let first = rows.first().ok_or_else(|| {
+        OutboxError::Db(sea_orm::DbErr::RecordNotFound(format!(
+            "processor row of partition {}",
+            p.id
+        )))
+    })?;
+    let st = State {
+        high: first.try_get("", "high")?,
+        processed: first.try_get("", "processed_seq")?,
+        attempts: first.try_get("", "attempts")?,
+        retry_at: get_opt_time(first, "retry_at")?,
+        locked_by: first.try_get("", "locked_by")?,
+        locked_until: get_opt_time(first, "locked_until")?,
+    };
+    let mut msgs = Vec::with_capacity(rows.len());
     for r in &rows {
-        let seq: i64 = r.try_get("", "seq")?;
-        let payload: Vec<u8> = r.try_get("", "payload")?;
-        out.push(Message {
-            id: r.try_get("", "id")?,
-            queue: p.queue.name.clone(),
-            partition: p.index,
-            seq,
-            payload: payload.into(),
-            payload_type: r.try_get("", "payload_type")?,
-            headers: decode_headers(r.try_get("", "headers")?),
-            attempts: if seq == after + 1 {
-                u32::try_from(head_attempts.saturating_add(1)).unwrap_or(u32::MAX)
-            } else {
-                1
-            },
-            created_at: get_time(r, "created_at")?,
-        });
+        if r.try_get::<Option<i64>>("", "seq")?.is_some() {
+            msgs.push(row_to_message(r, p, st.processed, st.attempts)?);
+        }
     }
-    Ok(out)
+    Ok((st, msgs))
 }
 
 /// The cursor update a batch's results call for.
@@ -319,6 +375,7 @@ pub(crate) struct Partition {
     /// When our lease ends, as we last wrote it (acquire, renewal, ack).
     lease_expires: DateTime<Utc>,
     state_sql: String,
+    batch_sql: String,
 }
 
 fn at(t: DateTime<Utc>, interruptible: bool) -> Step {
@@ -334,6 +391,7 @@ impl Partition {
         let id = queue.partition_ids[index as usize];
         let notify = inner.signals.processor(id);
         let state_sql = state_sql(&inner.db);
+        let batch_sql = state_and_batch_sql(&inner.db);
         Self {
             inner,
             queue,
@@ -343,6 +401,7 @@ impl Partition {
             holds_lease: false,
             lease_expires: DateTime::<Utc>::MIN_UTC,
             state_sql,
+            batch_sql,
         }
     }
 
@@ -415,7 +474,15 @@ impl Partition {
 
 impl Partition {
     async fn step(&mut self) -> Result<Step> {
-        let st = read_state(&self.inner.db, &self.state_sql, self.id).await?;
+        let leased = matches!(self.queue.handler, Some(QueueHandler::Leased(_)));
+        let (st, msgs) = if leased {
+            read_state_and_batch(self).await?
+        } else {
+            (
+                read_state(&self.inner.db, &self.state_sql, self.id).await?,
+                Vec::new(),
+            )
+        };
         // Idle or backing off: no write at all. A lease we hold simply lapses after its TTL
         // (or is reused if work arrives first), so idle partitions cause no lease churn.
         if st.high <= st.processed {
@@ -427,7 +494,7 @@ impl Partition {
             return Ok(at(t, false));
         }
         match self.queue.handler.clone() {
-            Some(QueueHandler::Leased(h)) => self.step_leased(st, h).await,
+            Some(QueueHandler::Leased(h)) => self.step_leased(st, msgs, h).await,
             Some(QueueHandler::Transactional {
                 handler,
                 per_message,
@@ -439,6 +506,7 @@ impl Partition {
     async fn step_leased(
         &mut self,
         mut st: State,
+        mut msgs: Vec<Message>,
         handler: Arc<dyn crate::handler::LeasedBatchHandler>,
     ) -> Result<Step> {
         let db = self.inner.db.clone();
@@ -464,16 +532,16 @@ impl Partition {
             if !mine {
                 tracing::debug!(queue = %self.queue.name, partition = self.index, "lease acquired");
                 // The state read before the lease may predate the previous owner's last ack.
-                let fresh = read_state(&db, &self.state_sql, self.id).await?;
+                let (fresh, fresh_msgs) = read_state_and_batch(self).await?;
                 if fresh.high <= fresh.processed || fresh.retry_at.is_some_and(|t| t > Utc::now()) {
                     self.holds_lease = true;
                     return Ok(Step::More);
                 }
                 st = fresh;
+                msgs = fresh_msgs;
             }
         }
         self.holds_lease = true;
-        let msgs = fetch(&db.conn, self, st.processed, st.attempts).await?;
         if msgs.is_empty() {
             return Ok(Step::Idle);
         }
@@ -491,17 +559,28 @@ impl Partition {
             // The handler answered none of the messages: offer them again later.
             return Ok(at(Utc::now() + chrono::Duration::milliseconds(100), false));
         }
-        let w = db.begin_write().await?;
-        insert_dead_letters(&w.txn, self, &a.dead).await?;
         let new_until = self.lease_until();
-        if !write_cursor(&w.txn, self, st.processed, &a, Some((me, new_until))).await? {
-            w.rollback().await?;
+        let acked = if a.dead.is_empty() {
+            // One statement, one round trip.
+            let _gate = db.write_gate().await;
+            write_cursor(&db.conn, self, st.processed, &a, Some((me, new_until))).await?
+        } else {
+            let w = db.begin_bookkeeping().await?;
+            insert_dead_letters(&w.txn, self, &a.dead).await?;
+            let ok = write_cursor(&w.txn, self, st.processed, &a, Some((me, new_until))).await?;
+            if ok {
+                w.commit().await?;
+            } else {
+                w.rollback().await?;
+            }
+            ok
+        };
+        if !acked {
             self.holds_lease = false;
             tracing::warn!(queue = %self.queue.name, partition = self.index,
                 "ack rejected: lease lost or cursor moved; the batch will be delivered again");
             return Ok(Step::More);
         }
-        w.commit().await?;
         self.lease_expires = new_until;
         self.after_ack(&a, &msgs);
         Ok(match a.retry_at {
