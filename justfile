@@ -18,13 +18,17 @@ test-mysql:
 test-sqlite:
     cargo test --workspace -- sqlite
 
-# The demo: migrate, enqueue, process, print
+# The demo: migrate, enqueue, process, print (on DATABASE_URL or the demo's SQLite file)
 demo *ARGS:
-    cargo run -p modkit-outbox --example demo -- {{ARGS}}
+    cargo run -p modkit-outbox-cli -- {{ARGS}} demo
 
 # Run the outbox migrations (up|down|status|fresh|refresh) against DATABASE_URL
 migrate CMD="up":
     DATABASE_URL="{{db_url}}" cargo run -p modkit-outbox-migration -- {{CMD}}
+
+# The `outbox` operations CLI (stats, dead-letters …) against DATABASE_URL
+outbox *ARGS:
+    DATABASE_URL="{{db_url}}" cargo run -q -p modkit-outbox-cli -- {{ARGS}}
 
 # Benchmark harness (release build)
 bench *ARGS:

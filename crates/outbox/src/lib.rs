@@ -50,6 +50,7 @@ mod processor;
 mod queues;
 mod sequencer;
 mod signals;
+mod stats;
 mod vacuum;
 mod workers;
 
@@ -75,3 +76,4 @@ pub use message::{
     MAX_QUEUE_NAME_BYTES, Message, MessageId, NewMessage, Partitions, partition_for_key,
 };
 pub use outbox::{Outbox, OutboxBuilder, OutboxHandle, QueueBuilder};
+pub use stats::{OutboxStats, PartitionStats, collect_stats};

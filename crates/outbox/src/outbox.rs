@@ -65,6 +65,11 @@ impl Outbox {
         crate::dead_letters::DeadLetters::from_db(self.inner.db.clone())
     }
 
+    /// Statistics of every partition and the dead letters (see [`crate::collect_stats`]).
+    pub async fn stats(&self) -> Result<crate::stats::OutboxStats> {
+        crate::stats::collect_stats(&self.inner.db.conn).await
+    }
+
     /// This instance's lease owner name.
     pub fn instance_id(&self) -> &str {
         &self.inner.instance_id

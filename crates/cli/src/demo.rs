@@ -1,13 +1,6 @@
-//! The README demo: migrate an embedded SQLite file, enqueue orders inside business
-//! transactions (one of them rolled back), process them in order per partition, dead-letter a
-//! poison message, and show that vacuum emptied the pipeline tables.
-//!
-//! ```sh
-//! cargo run -p modkit-outbox --example demo                      # SQLite file outbox-demo.sqlite
-//! cargo run -p modkit-outbox --example demo -- postgres://postgres@127.0.0.1:5432/test
-//! DATABASE_URL=mysql://root@127.0.0.1:3306/test cargo run -p modkit-outbox --example demo
-//! ```
-#![allow(clippy::print_stdout)]
+//! `outbox demo`: migrate, enqueue orders inside business transactions (one of them rolled
+//! back), process them in order per partition, dead-letter a poison message, and show that
+//! vacuum emptied the pipeline tables.
 
 use std::time::Duration;
 
@@ -28,21 +21,11 @@ async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> Result<i64, sea_
         .unwrap_or(0))
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
-        )
-        .init();
-    let url = std::env::args()
-        .nth(1)
-        .or_else(|| std::env::var("DATABASE_URL").ok())
-        .unwrap_or_else(|| "sqlite://outbox-demo.sqlite?mode=rwc".to_owned());
+/// Runs the demo against `url`.
+pub async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     println!("modkit-outbox demo on {url}");
 
-    let db = Database::connect(&url).await?;
+    let db = Database::connect(url).await?;
     Migrator::up(&db, None).await?;
     println!("1. migrated the outbox schema (7 modkit_outbox_ tables)");
     db.execute_unprepared(

@@ -1,0 +1,446 @@
+//! `outbox`: operate a modkit-outbox database from the shell.
+//!
+//! ```sh
+//! outbox migrate up                                   # DATABASE_URL or --database-url
+//! outbox demo
+//! outbox stats --watch
+//! outbox dead-letters list --queue orders --status pending
+//! outbox dead-letters replay --queue orders --yes
+//! outbox dead-letters purge --older-than 7d --yes
+//! ```
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod demo;
+mod output;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use modkit_outbox::{DeadLetterFilter, DeadLetterStatus, DeadLetters, MAX_BATCH, OutboxError};
+use modkit_outbox_migration::Migrator;
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use sea_orm_migration::MigratorTrait;
+
+/// Database used when neither `--database-url` nor `DATABASE_URL` is given: the demo's file.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://outbox-demo.sqlite?mode=rwc";
+
+/// Exit codes (also listed in `outbox --help`).
+mod exit {
+    pub const ERROR: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const NOT_FOUND: u8 = 3;
+    pub const CONFLICT: u8 = 4;
+    pub const ABORTED: u8 = 5;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "outbox",
+    version,
+    about = "Operate a modkit-outbox database: migrations, statistics, dead letters",
+    after_help = "Exit codes: 0 ok, 1 error, 2 invalid input, 3 not found, 4 wrong state or conflict, \
+                  5 aborted (no confirmation)."
+)]
+struct Cli {
+    /// Database URL (PostgreSQL, MySQL/MariaDB or SQLite).
+    #[arg(long, global = true, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    database_url: String,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the outbox schema migrations.
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Migrate, enqueue, process and print what happened.
+    Demo,
+    /// Backlog, lag, leases and retries per partition; dead letters per status.
+    Stats {
+        /// Refresh until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Refresh interval with --watch (e.g. 2s, 500ms).
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
+    /// Inspect, replay, discard and purge dead letters.
+    #[command(name = "dead-letters")]
+    DeadLetters {
+        #[command(subcommand)]
+        action: DlAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// Apply pending migrations.
+    Up,
+    /// Roll back the last migration (drops the outbox tables).
+    Down {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Show applied and pending migrations.
+    Status,
+    /// Drop EVERY table of the database, then apply all migrations.
+    Fresh {
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Args, Clone, Default)]
+struct FilterArgs {
+    /// Only this queue.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Only this partition.
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Only this payload type.
+    #[arg(long = "type")]
+    payload_type: Option<String>,
+    /// Only failures at or after this time (RFC 3339, e.g. 2026-11-23T00:00:00Z).
+    #[arg(long)]
+    failed_after: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only failures before this time (RFC 3339).
+    #[arg(long)]
+    failed_before: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only these ids (repeatable).
+    #[arg(long = "id")]
+    ids: Vec<i64>,
+}
+
+impl FilterArgs {
+    fn filter(&self, status: Option<DeadLetterStatus>) -> DeadLetterFilter {
+        DeadLetterFilter {
+            queue: self.queue.clone(),
+            partition: self.partition,
+            payload_type: self.payload_type.clone(),
+            status,
+            failed_after: self.failed_after,
+            failed_before: self.failed_before,
+            ids: (!self.ids.is_empty()).then(|| self.ids.clone()),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum DlAction {
+    /// List dead letters, newest first.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Only this status (pending, reprocessing, replayed, resolved, discarded).
+        #[arg(long)]
+        status: Option<DeadLetterStatus>,
+        /// Page size.
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        /// Continue after this cursor (the previous page's `next_cursor`).
+        #[arg(long)]
+        before: Option<i64>,
+    },
+    /// Show one dead letter with its payload.
+    Show {
+        /// Dead-letter id.
+        id: i64,
+    },
+    /// Re-enqueue pending dead letters into their original queue and partition.
+    Replay {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Replay at most this many (default: all that match).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Mark pending dead letters as discarded.
+    Discard {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Discard at most this many (default: all that match).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Delete replayed, resolved and discarded dead letters completed before a cutoff.
+    Purge {
+        /// Age cutoff (e.g. 7d, 12h, 0s for everything finished).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Duration,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// An error with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<OutboxError> for Failure {
+    fn from(e: OutboxError) -> Self {
+        let code = match &e {
+            OutboxError::NotFound(_) => exit::NOT_FOUND,
+            OutboxError::WrongState { .. } | OutboxError::Conflict(_) => exit::CONFLICT,
+            OutboxError::InvalidInput(_) => exit::USAGE,
+            _ => exit::ERROR,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<sea_orm::DbErr> for Failure {
+    fn from(e: sea_orm::DbErr) -> Self {
+        Failure {
+            code: exit::ERROR,
+            message: format!("database error: {e}"),
+        }
+    }
+}
+
+fn fail(code: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+async fn connect(url: &str) -> Result<DatabaseConnection, Failure> {
+    let mut o = ConnectOptions::new(url.to_owned());
+    o.sqlx_logging(false)
+        .connect_timeout(Duration::from_secs(10));
+    Database::connect(o)
+        .await
+        .map_err(|e| fail(exit::ERROR, format!("cannot connect to the database: {e}")))
+}
+
+/// Asks before a destructive action; refuses without a terminal.
+fn confirm(yes: bool, what: &str) -> Result<(), Failure> {
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(fail(
+            exit::ABORTED,
+            format!("refusing to {what} without --yes (stdin is not a terminal)"),
+        ));
+    }
+    eprint!("{what}? [y/N] ");
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| fail(exit::ERROR, e.to_string()))?;
+    if matches!(line.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(fail(exit::ABORTED, "aborted"))
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OUTBOX_LOG")
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("outbox: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Demo => demo::run(&cli.database_url)
+            .await
+            .map_err(|e| fail(exit::ERROR, e.to_string())),
+        Command::Migrate { action } => {
+            let db = connect(&cli.database_url).await?;
+            migrate(&db, action, cli.json).await
+        }
+        Command::Stats { watch, interval } => {
+            let db = connect(&cli.database_url).await?;
+            loop {
+                let stats = modkit_outbox::collect_stats(&db).await?;
+                if cli.json {
+                    output::json(&stats);
+                } else {
+                    if watch && std::io::stdout().is_terminal() {
+                        print!("\x1b[2J\x1b[H");
+                    }
+                    output::stats_table(&stats);
+                }
+                if !watch {
+                    return Ok(());
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }
+        Command::DeadLetters { action } => {
+            let db = connect(&cli.database_url).await?;
+            let dl = DeadLetters::new(db)?;
+            dead_letters(&dl, action, cli.json).await
+        }
+    }
+}
+
+async fn migrate(
+    db: &DatabaseConnection,
+    action: MigrateAction,
+    json: bool,
+) -> Result<(), Failure> {
+    match action {
+        MigrateAction::Up => Migrator::up(db, None).await?,
+        MigrateAction::Down { yes } => {
+            confirm(yes, "drop the outbox tables")?;
+            Migrator::down(db, None).await?
+        }
+        MigrateAction::Fresh { yes } => {
+            confirm(yes, "drop every table of this database and migrate")?;
+            Migrator::fresh(db).await?
+        }
+        MigrateAction::Status => {}
+    }
+    let applied: Vec<String> = Migrator::get_applied_migrations(db)
+        .await?
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    let pending: Vec<String> = Migrator::get_pending_migrations(db)
+        .await?
+        .iter()
+        .map(|m| m.name().to_owned())
+        .collect();
+    if json {
+        output::json(&serde_json::json!({ "applied": applied, "pending": pending }));
+    } else {
+        for m in &applied {
+            println!("applied  {m}");
+        }
+        for m in &pending {
+            println!("pending  {m}");
+        }
+    }
+    Ok(())
+}
+
+async fn dead_letters(dl: &DeadLetters, action: DlAction, json: bool) -> Result<(), Failure> {
+    match action {
+        DlAction::List {
+            filter,
+            status,
+            limit,
+            before,
+        } => {
+            let page = dl.list(&filter.filter(status), limit, before).await?;
+            if json {
+                output::json(&page);
+            } else {
+                output::dead_letter_table(&page);
+            }
+        }
+        DlAction::Show { id } => {
+            let one = dl.get(id).await?.ok_or(OutboxError::NotFound(id))?;
+            if json {
+                output::json(&one);
+            } else {
+                output::dead_letter_detail(&one);
+            }
+        }
+        DlAction::Replay { filter, limit, yes } => {
+            let f = filter.filter(Some(DeadLetterStatus::Pending));
+            let matching = dl.count(&f).await?;
+            let total = limit.map_or(matching, |l| l.min(matching));
+            if total == 0 {
+                return report(json, "replayed", 0);
+            }
+            confirm(yes, &format!("replay {total} dead letters"))?;
+            let bar = output::progress(total, json);
+            let mut done = 0;
+            while done < total {
+                let n = dl.replay(&f, (total - done).min(MAX_BATCH)).await?.replayed;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+                bar.set_position(done);
+            }
+            bar.finish_and_clear();
+            return report(json, "replayed", done);
+        }
+        DlAction::Discard { filter, limit, yes } => {
+            let f = filter.filter(Some(DeadLetterStatus::Pending));
+            let matching = dl.count(&f).await?;
+            let total = limit.map_or(matching, |l| l.min(matching));
+            if total == 0 {
+                return report(json, "discarded", 0);
+            }
+            confirm(yes, &format!("discard {total} dead letters"))?;
+            let mut done = 0;
+            while done < total {
+                let n = dl.discard(&f, (total - done).min(MAX_BATCH)).await?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            return report(json, "discarded", done);
+        }
+        DlAction::Purge { older_than, yes } => {
+            let cutoff = chrono::Utc::now()
+                - chrono::Duration::from_std(older_than)
+                    .map_err(|_| fail(exit::USAGE, "--older-than is too large"))?;
+            confirm(
+                yes,
+                &format!("delete finished dead letters completed before {cutoff}"),
+            )?;
+            let bar = output::spinner(json);
+            let n = dl
+                .purge(cutoff, modkit_outbox::DEFAULT_PURGE_CHUNK, |n| {
+                    bar.set_message(format!("{n} deleted"))
+                })
+                .await?;
+            bar.finish_and_clear();
+            return report(json, "purged", n);
+        }
+    }
+    Ok(())
+}
+
+fn report(json: bool, what: &str, n: u64) -> Result<(), Failure> {
+    if json {
+        output::json(&serde_json::json!({ what: n }));
+    } else {
+        println!("{what} {n} dead letter(s)");
+    }
+    Ok(())
+}

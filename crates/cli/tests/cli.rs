@@ -1,0 +1,181 @@
+//! The `outbox` binary as a subprocess against real databases: output, `--json`, exit codes.
+
+use std::process::{Command, Output, Stdio};
+
+use modkit_outbox_tests::{TestDb, backend_tests};
+
+fn outbox(db: &TestDb, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn outbox")
+}
+
+fn ok(db: &TestDb, args: &[&str]) -> String {
+    let out = outbox(db, args);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{:?}: outbox {} failed ({}):\n{text}\n{}",
+        db.backend,
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn json(db: &TestDb, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let text = ok(db, &all);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
+}
+
+async fn cli_end_to_end(db: TestDb) {
+    // migrate
+    let st = json(&db, &["migrate", "status"]);
+    assert_eq!(st["pending"].as_array().map(Vec::len), Some(1));
+    let st = json(&db, &["migrate", "up"]);
+    assert_eq!(st["applied"][0], "m20261123_000001_create_schema");
+    assert_eq!(st["pending"].as_array().map(Vec::len), Some(0));
+
+    // demo: one dead letter (the negative amount)
+    let demo = ok(&db, &["demo"]);
+    assert!(demo.contains("dead letters added by this run: 1"), "{demo}");
+
+    // stats
+    let stats = json(&db, &["stats"]);
+    let parts = stats["partitions"].as_array().expect("partitions");
+    assert_eq!(parts.len(), 4);
+    assert!(
+        parts
+            .iter()
+            .all(|p| p["unprocessed"] == 0 && p["queue"] == "orders")
+    );
+    let pending = stats["dead_letters"]
+        .as_array()
+        .expect("dead letters")
+        .iter()
+        .find(|x| x[0] == "pending")
+        .map(|x| x[1].as_u64())
+        .expect("pending count");
+    assert_eq!(pending, Some(1));
+    let table = ok(&db, &["stats"]);
+    assert!(
+        table.contains("unprocessed") && table.contains("orders"),
+        "{table}"
+    );
+
+    // dead letters: list (table and JSON), filters, show
+    let page = json(
+        &db,
+        &[
+            "dead-letters",
+            "list",
+            "--queue",
+            "orders",
+            "--status",
+            "pending",
+        ],
+    );
+    let items = page["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1);
+    let id = items[0]["id"].as_i64().expect("id");
+    assert_eq!(items[0]["last_error"], "amount must be positive");
+    assert!(
+        items[0]["payload"]
+            .as_str()
+            .is_some_and(|p| p.contains("-5"))
+    );
+    let none = json(&db, &["dead-letters", "list", "--queue", "nope"]);
+    assert_eq!(none["items"].as_array().map(Vec::len), Some(0));
+    let listed = ok(&db, &["dead-letters", "list"]);
+    assert!(listed.contains("amount must be positive"), "{listed}");
+    let shown = json(&db, &["dead-letters", "show", &id.to_string()]);
+    assert_eq!(shown["status"], "pending");
+    assert_eq!(shown["headers"]["idempotency-key"], "order-3");
+
+    // exit codes
+    let missing = outbox(&db, &["dead-letters", "show", "999999"]);
+    assert_eq!(missing.status.code(), Some(3), "not found");
+    let refused = outbox(&db, &["dead-letters", "replay"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(5),
+        "no --yes without a terminal"
+    );
+    let bad = outbox(&db, &["dead-letters", "list", "--status", "bogus"]);
+    assert_eq!(bad.status.code(), Some(2), "invalid input");
+    let bad_limit = outbox(&db, &["dead-letters", "list", "--limit", "0"]);
+    assert_eq!(bad_limit.status.code(), Some(2), "invalid limit");
+    assert_eq!(
+        json(&db, &["dead-letters", "list", "--status", "pending"])["items"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "the refused replay changed nothing"
+    );
+
+    // replay, then nothing left to replay; purge the replayed one
+    let r = json(&db, &["dead-letters", "replay", "--yes"]);
+    assert_eq!(r["replayed"], 1);
+    let r = json(&db, &["dead-letters", "replay", "--yes"]);
+    assert_eq!(r["replayed"], 0);
+    let stats = json(&db, &["stats"]);
+    let unsequenced: u64 = stats["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .map(|p| p["unsequenced"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(unsequenced, 1, "the replayed message waits in incoming");
+    let p = json(
+        &db,
+        &["dead-letters", "purge", "--older-than", "1h", "--yes"],
+    );
+    assert_eq!(p["purged"], 0, "too young");
+    let p = json(
+        &db,
+        &["dead-letters", "purge", "--older-than", "0s", "--yes"],
+    );
+    assert_eq!(p["purged"], 1);
+
+    // Run the demo again: its engine also delivers the replayed message, which its handler
+    // still rejects, so two dead letters are pending; discard both.
+    ok(&db, &["demo"]);
+    let d = json(
+        &db,
+        &[
+            "dead-letters",
+            "discard",
+            "--type",
+            "order.created",
+            "--yes",
+        ],
+    );
+    assert_eq!(d["discarded"], 2);
+
+    // down asks first, then drops everything
+    let refused = outbox(&db, &["migrate", "down"]);
+    assert_eq!(refused.status.code(), Some(5));
+    let st = json(&db, &["migrate", "down", "--yes"]);
+    assert_eq!(st["pending"].as_array().map(Vec::len), Some(1));
+}
+
+async fn cli_reports_unreachable_database(db: TestDb) {
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args([
+            "--database-url",
+            "postgres://nobody@127.0.0.1:1/none",
+            "stats",
+        ])
+        .output()
+        .expect("spawn");
+    assert_eq!(out.status.code(), Some(1), "{:?}", db.backend);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+}
+
+backend_tests!(cli_end_to_end, cli_reports_unreachable_database);
