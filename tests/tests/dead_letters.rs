@@ -282,8 +282,8 @@ async fn filters_pagination_and_transitions(db: TestDb) {
     let get = |s: DeadLetterStatus| {
         by_status
             .iter()
-            .find(|(k, _)| *k == s)
-            .map(|(_, n)| *n)
+            .find(|c| c.status == s)
+            .map(|c| c.count)
             .unwrap_or(0)
     };
     assert_eq!(get(DeadLetterStatus::Resolved), 2);

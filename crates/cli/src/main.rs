@@ -72,6 +72,19 @@ enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         interval: Duration,
     },
+    /// Serve the HTTP admin API (stats, dead letters, /openapi.json).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: std::net::SocketAddr,
+        /// Require `Authorization: Bearer <token>`. Beyond loopback a random token is generated
+        /// and printed when none is given.
+        #[arg(long, env = "OUTBOX_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Serve without a token even beyond loopback.
+        #[arg(long, conflicts_with = "token")]
+        no_auth: bool,
+    },
     /// Inspect, replay, discard and purge dead letters.
     #[command(name = "dead-letters")]
     DeadLetters {
@@ -304,6 +317,38 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 tokio::time::sleep(interval).await;
             }
+        }
+        Command::Serve {
+            bind,
+            token,
+            no_auth,
+        } => {
+            let db = connect(&cli.database_url).await?;
+            let token = match token {
+                Some(t) => Some(t),
+                None if !no_auth && !bind.ip().is_loopback() => {
+                    let t = uuid::Uuid::new_v4().simple().to_string();
+                    eprintln!("outbox: listening beyond loopback; bearer token: {t}");
+                    Some(t)
+                }
+                None => None,
+            };
+            let app = modkit_outbox_admin::router(
+                db,
+                modkit_outbox_admin::AdminOptions {
+                    bearer_token: token,
+                },
+            )?;
+            let listener = tokio::net::TcpListener::bind(bind)
+                .await
+                .map_err(|e| fail(exit::ERROR, format!("cannot listen on {bind}: {e}")))?;
+            eprintln!("outbox: admin API on http://{bind} (GET /openapi.json)");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await
+                .map_err(|e| fail(exit::ERROR, e.to_string()))
         }
         Command::DeadLetters { action } => {
             let db = connect(&cli.database_url).await?;

@@ -71,7 +71,7 @@ pub fn stats_table(s: &OutboxStats) {
     let dead: Vec<String> = s
         .dead_letters
         .iter()
-        .map(|(st, n)| format!("{st}={n}"))
+        .map(|c| format!("{}={}", c.status, c.count))
         .collect();
     println!(
         "backlog {} · dead letters: {} · at {}",

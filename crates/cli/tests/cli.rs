@@ -59,8 +59,8 @@ async fn cli_end_to_end(db: TestDb) {
         .as_array()
         .expect("dead letters")
         .iter()
-        .find(|x| x[0] == "pending")
-        .map(|x| x[1].as_u64())
+        .find(|x| x["status"] == "pending")
+        .map(|x| x["count"].as_u64())
         .expect("pending count");
     assert_eq!(pending, Some(1));
     let table = ok(&db, &["stats"]);
@@ -178,4 +178,104 @@ async fn cli_reports_unreachable_database(db: TestDb) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
 }
 
-backend_tests!(cli_end_to_end, cli_reports_unreachable_database);
+/// Kills the server when the test ends, whatever happens.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+async fn wait_up(url: &str) {
+    for _ in 0..200 {
+        if reqwest::get(url).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("server at {url} did not come up");
+}
+
+async fn cli_serve_loopback_and_beyond(db: TestDb) {
+    ok(&db, &["migrate", "up"]);
+    // Loopback: no token needed.
+    let port = free_port();
+    let _s = Server(
+        Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+            .env("DATABASE_URL", &db.url)
+            .env_remove("OUTBOX_ADMIN_TOKEN")
+            .spawn()
+            .expect("serve"),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    wait_up(&format!("{base}/openapi.json")).await;
+    let res = reqwest::get(format!("{base}/stats")).await.expect("stats");
+    assert_eq!(res.status().as_u16(), 200, "{:?}", db.backend);
+
+    // Beyond loopback: a token is required by default (generated and printed).
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["serve", "--bind", &format!("0.0.0.0:{port}")])
+        .env("DATABASE_URL", &db.url)
+        .env_remove("OUTBOX_ADMIN_TOKEN")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let stderr = child.stderr.take().expect("stderr");
+    let _s2 = Server(child);
+    // Read the printed token, then keep draining stderr so the server never hits a closed pipe.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(t) = line.split("bearer token: ").nth(1) {
+                let _ = tx.send(t.trim().to_owned());
+            }
+        }
+    });
+    let token = tokio::task::spawn_blocking(move || {
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_default()
+    })
+    .await
+    .expect("read token");
+    assert_eq!(token.len(), 32, "a generated token was printed");
+    let base = format!("http://127.0.0.1:{port}");
+    wait_up(&format!("{base}/openapi.json")).await;
+    let c = reqwest::Client::new();
+    assert_eq!(
+        c.get(format!("{base}/stats"))
+            .send()
+            .await
+            .expect("req")
+            .status()
+            .as_u16(),
+        401
+    );
+    let res = c
+        .get(format!("{base}/stats"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("req");
+    assert_eq!(res.status().as_u16(), 200);
+}
+
+backend_tests!(
+    cli_end_to_end,
+    cli_reports_unreachable_database,
+    cli_serve_loopback_and_beyond
+);

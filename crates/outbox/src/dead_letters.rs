@@ -38,6 +38,7 @@ pub const MAX_BATCH: u64 = crate::backend::MAX_IN_LIST as u64;
 
 /// Where a dead letter is in its life (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum DeadLetterStatus {
     /// Waiting for an operator: replay, claim or discard.
@@ -100,6 +101,7 @@ impl std::str::FromStr for DeadLetterStatus {
 
 /// A dead letter with everything its message carried.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeadLetter {
     /// Dead-letter id.
     pub id: i64,
@@ -111,8 +113,9 @@ pub struct DeadLetter {
     pub seq: i64,
     /// Original message id.
     pub message_id: i64,
-    /// Payload.
+    /// Payload: UTF-8 text as is, anything else as `base16:<hex>`.
     #[serde(serialize_with = "ser_bytes")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub payload: Vec<u8>,
     /// Payload type.
     pub payload_type: String,
@@ -149,6 +152,8 @@ fn hex(b: &[u8]) -> String {
 
 /// Which dead letters a call applies to. Every field narrows; the default matches all.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
 pub struct DeadLetterFilter {
     /// Exact queue.
     pub queue: Option<String>,
@@ -221,8 +226,19 @@ impl DeadLetterFilter {
     }
 }
 
+/// How many dead letters have one status.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StatusCount {
+    /// The status.
+    pub status: DeadLetterStatus,
+    /// Dead letters in it.
+    pub count: u64,
+}
+
 /// One page of [`DeadLetters::list`]: newest first.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeadLetterPage {
     /// The dead letters, newest (highest id) first.
     pub items: Vec<DeadLetter>,
@@ -261,6 +277,7 @@ fn row_to_dead_letter(r: &QueryResult) -> Result<DeadLetter> {
 
 /// What a replay did.
 #[derive(Debug, Clone, Copy, Serialize, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReplayReport {
     /// Dead letters re-enqueued (now `replayed`).
     pub replayed: u64,
@@ -361,7 +378,7 @@ impl DeadLetters {
     }
 
     /// Counts per status (every status present, zero when none).
-    pub async fn count_by_status(&self) -> Result<Vec<(DeadLetterStatus, u64)>> {
+    pub async fn count_by_status(&self) -> Result<Vec<StatusCount>> {
         let rows = self
             .db
             .query_all(
@@ -369,15 +386,20 @@ impl DeadLetters {
                 vec![],
             )
             .await?;
-        let mut out: Vec<(DeadLetterStatus, u64)> =
-            DeadLetterStatus::ALL.iter().map(|s| (*s, 0)).collect();
+        let mut out: Vec<StatusCount> = DeadLetterStatus::ALL
+            .iter()
+            .map(|s| StatusCount {
+                status: *s,
+                count: 0,
+            })
+            .collect();
         for r in &rows {
             let s: String = r.try_get("", "status")?;
             let n: i64 = r.try_get("", "n")?;
             if let Ok(st) = s.parse::<DeadLetterStatus>()
-                && let Some(slot) = out.iter_mut().find(|(k, _)| *k == st)
+                && let Some(slot) = out.iter_mut().find(|c| c.status == st)
             {
-                slot.1 = n as u64;
+                slot.count = n as u64;
             }
         }
         Ok(out)

@@ -63,7 +63,7 @@ pub use config::{
 };
 pub use dead_letters::{
     DEFAULT_PAGE_SIZE, DEFAULT_PURGE_CHUNK, DeadLetter, DeadLetterFilter, DeadLetterPage,
-    DeadLetterStatus, DeadLetters, MAX_BATCH, MAX_PAGE_SIZE, ReplayReport,
+    DeadLetterStatus, DeadLetters, MAX_BATCH, MAX_PAGE_SIZE, ReplayReport, StatusCount,
 };
 pub use enqueue::EnqueueConn;
 pub use error::{OutboxError, Result};

@@ -9,11 +9,12 @@ use sea_orm::{DatabaseConnection, Value};
 use serde::Serialize;
 
 use crate::backend::{Db, Dialect, get_opt_time};
-use crate::dead_letters::{DeadLetterStatus, DeadLetters};
+use crate::dead_letters::{DeadLetters, StatusCount};
 use crate::error::Result;
 
 /// One partition's pipeline state.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PartitionStats {
     /// Queue name.
     pub queue: String,
@@ -43,13 +44,14 @@ pub struct PartitionStats {
 
 /// The whole outbox at one moment.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OutboxStats {
     /// When the figures were read.
     pub collected_at: DateTime<Utc>,
     /// Every partition of every queue, by queue then partition.
     pub partitions: Vec<PartitionStats>,
     /// Dead letters per status.
-    pub dead_letters: Vec<(DeadLetterStatus, u64)>,
+    pub dead_letters: Vec<StatusCount>,
 }
 
 impl OutboxStats {
