@@ -693,10 +693,14 @@ impl DeadLetters {
             let n = self
                 .db
                 .exec_write(
-                    &format!(
-                        "DELETE FROM modkit_outbox_dead_letters WHERE id IN ({}) \
-                         AND status IN ('replayed', 'resolved', 'discarded') AND completed_at < ?",
-                        placeholders(ids.len())
+                    &d.delete_using(
+                        "modkit_outbox_dead_letters",
+                        "PRIMARY",
+                        &format!(
+                            "id IN ({}) AND status IN ('replayed', 'resolved', 'discarded') \
+                             AND completed_at < ?",
+                            placeholders(ids.len())
+                        ),
                     ),
                     vals,
                 )

@@ -193,9 +193,10 @@ async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
 
     let mut deleted = 0;
     for chunk in incoming_ids.chunks(MAX_IN_LIST) {
-        let sql = format!(
-            "DELETE FROM modkit_outbox_incoming WHERE id IN ({})",
-            placeholders(chunk.len())
+        let sql = d.delete_using(
+            "modkit_outbox_incoming",
+            "PRIMARY",
+            &format!("id IN ({})", placeholders(chunk.len())),
         );
         deleted += execute(t, d, &sql, chunk.iter().map(|i| Value::from(*i)).collect()).await?;
     }

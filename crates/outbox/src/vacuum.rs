@@ -101,14 +101,19 @@ async fn vacuum_chunk(inner: &Inner, pid: i64, processed: i64) -> Result<u64> {
     let deleted = execute(
         t,
         d,
-        "DELETE FROM modkit_outbox_outgoing WHERE partition_id = ? AND seq > ? AND seq <= ?",
+        &d.delete_using(
+            "modkit_outbox_outgoing",
+            "modkit_outbox_outgoing_partition_seq_uq",
+            "partition_id = ? AND seq > ? AND seq <= ?",
+        ),
         vec![Value::from(pid), Value::from(counter), Value::from(high)],
     )
     .await?;
     for chunk in bodies.chunks(MAX_IN_LIST) {
-        let sql = format!(
-            "DELETE FROM modkit_outbox_body WHERE id IN ({})",
-            placeholders(chunk.len())
+        let sql = d.delete_using(
+            "modkit_outbox_body",
+            "PRIMARY",
+            &format!("id IN ({})", placeholders(chunk.len())),
         );
         execute(t, d, &sql, chunk.iter().map(|b| Value::from(*b)).collect()).await?;
     }
@@ -153,16 +158,17 @@ pub(crate) async fn sweep_orphans(inner: &Inner) -> Result<u64> {
             .iter()
             .map(|r| r.try_get::<i64>("", "id"))
             .collect::<std::result::Result<_, _>>()?;
-        // Re-check the references in the delete itself (other tables only: valid on MySQL).
-        let sql = format!(
-            "DELETE FROM modkit_outbox_body WHERE id IN ({}) \
-             AND NOT EXISTS (SELECT 1 FROM modkit_outbox_incoming i WHERE i.body_id = modkit_outbox_body.id) \
-             AND NOT EXISTS (SELECT 1 FROM modkit_outbox_outgoing o WHERE o.body_id = modkit_outbox_body.id)",
-            placeholders(ids.len())
+        // By primary key only: a body older than `orphan_min_age` with no reference cannot
+        // gain one (a reference is only ever written with a new body, or copied from an
+        // incoming row by the sequencer), so no re-check (and no locking read) is needed.
+        let mut vals: Vec<Value> = ids.iter().map(|i| Value::from(*i)).collect();
+        vals.push(d.time(cutoff));
+        let sql = d.delete_using(
+            "modkit_outbox_body",
+            "PRIMARY",
+            &format!("id IN ({}) AND created_at < ?", placeholders(ids.len())),
         );
-        let n = db
-            .exec_write(&sql, ids.iter().map(|i| Value::from(*i)).collect())
-            .await?;
+        let n = db.exec_write(&sql, vals).await?;
         total += n;
         if n == 0 {
             return Ok(total);

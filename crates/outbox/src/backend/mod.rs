@@ -102,6 +102,21 @@ impl Dialect {
         }
     }
 
+    /// `DELETE FROM <table> WHERE <alias-free condition>` that always goes through `index`.
+    ///
+    /// On MySQL/MariaDB the optimizer may scan a small table instead of using the key, and a
+    /// scanning `DELETE` waits on every row another transaction holds (a producer's uncommitted
+    /// insert, another sequencer's rows) while it holds its own locks: deadlocks. The
+    /// multi-table form takes an index hint, so only the addressed rows are touched.
+    pub(crate) fn delete_using(self, table: &str, index: &str, condition: &str) -> String {
+        match self {
+            Dialect::MySql => {
+                format!("DELETE t FROM {table} t FORCE INDEX ({index}) WHERE {condition}")
+            }
+            _ => format!("DELETE FROM {table} WHERE {condition}"),
+        }
+    }
+
     /// `INSERT … ` prefix/suffix that ignores rows violating a unique key.
     pub(crate) fn insert_ignore(self, table_and_cols: &str, values: &str) -> String {
         match self {
