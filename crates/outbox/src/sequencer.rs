@@ -89,6 +89,9 @@ pub(crate) async fn pass(inner: &Inner) -> Result<PassResult> {
 async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
     let db = &inner.db;
     let d = db.dialect;
+    if d == Dialect::Postgres {
+        return pass_group_postgres(inner, candidates).await;
+    }
     let w = db.begin_bookkeeping().await?;
     let t = &w.txn;
     let lock_sql = format!(
@@ -226,6 +229,36 @@ async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
     Ok(PassResult {
         moved: incoming_ids.len(),
         skipped,
+    })
+}
+
+/// PostgreSQL: the whole group pass as one statement (see [`postgres::sequence_pass_sql`]).
+async fn pass_group_postgres(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
+    let db = &inner.db;
+    let sql = postgres::sequence_pass_sql(&placeholders(candidates.len()));
+    let mut args: Vec<Value> = candidates.iter().map(|i| Value::from(*i)).collect();
+    args.push(Value::from(inner.config.sequencer_batch as i64));
+    args.push(Value::from(inner.instance_id.as_str()));
+    let rows = db.query_all(&sql, args).await?;
+    let mut moved = 0usize;
+    let mut locked = 0i64;
+    for r in &rows {
+        match r.try_get::<Option<i64>>("", "partition_id")? {
+            Some(pid) => {
+                let n: i64 = r.try_get("", "n")?;
+                moved += n as usize;
+                tracing::trace!(partition_id = pid, moved = n, "sequenced");
+                inner.signals.wake_processor(pid);
+            }
+            None => locked = r.try_get::<Option<i64>>("", "locked_n")?.unwrap_or(0),
+        }
+    }
+    if moved > 0 {
+        tracing::debug!(moved, partitions = locked, "sequencer pass");
+    }
+    Ok(PassResult {
+        moved,
+        skipped: (locked as usize) < candidates.len(),
     })
 }
 

@@ -26,6 +26,49 @@ pub(crate) const ENQUEUE_ONE: &str = "WITH b AS (\
    i AS (INSERT INTO modkit_outbox_incoming (partition_id, body_id) SELECT ?, id FROM b RETURNING body_id) \
    SELECT body_id AS id, pg_notify('modkit_outbox', 'i') AS n FROM i";
 
+/// A whole sequencer pass for a group of partitions in one statement (one round trip, committed
+/// on its own): lock the partitions (`SKIP LOCKED`), take up to `$n` oldest incoming rows of
+/// each, delete them, number the rows actually deleted after each partition's current sequence,
+/// insert them into `outgoing`, advance the sequences, and notify every other instance.
+///
+/// Numbering uses the rows the `DELETE` really removed and the sequence value the lock returned
+/// (READ COMMITTED re-reads a locked row at its newest version), so rows another sequencer moved
+/// between this statement's snapshot and its lock are neither numbered nor moved twice: seqs stay
+/// gapless. The last row reports how many partitions were locked.
+///
+/// Placeholders: `{ids}` (the candidate partition ids), then the per-partition limit, then the
+/// instance id.
+pub(crate) fn sequence_pass_sql(ids: &str) -> String {
+    format!(
+        "WITH locked AS ( \
+            SELECT id, \"sequence\" AS seq FROM modkit_outbox_partitions \
+            WHERE id IN ({ids}) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED), \
+         picked AS ( \
+            SELECT i.id, i.partition_id, i.body_id FROM locked l CROSS JOIN LATERAL ( \
+                SELECT id, partition_id, body_id FROM modkit_outbox_incoming \
+                WHERE partition_id = l.id ORDER BY id LIMIT ?) i), \
+         moved AS ( \
+            DELETE FROM modkit_outbox_incoming d USING picked p WHERE d.id = p.id \
+            RETURNING d.id, d.partition_id, d.body_id), \
+         numbered AS ( \
+            SELECT m.partition_id, m.body_id, \
+                   l.seq + ROW_NUMBER() OVER (PARTITION BY m.partition_id ORDER BY m.id) AS seq \
+            FROM moved m JOIN locked l ON l.id = m.partition_id), \
+         ins AS ( \
+            INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) \
+            SELECT partition_id, body_id, seq, now() FROM numbered), \
+         tops AS ( \
+            SELECT partition_id, MAX(seq) AS hi, COUNT(*) AS n FROM numbered GROUP BY partition_id), \
+         upd AS ( \
+            UPDATE modkit_outbox_partitions t SET \"sequence\" = tops.hi FROM tops \
+            WHERE t.id = tops.partition_id) \
+         SELECT tops.partition_id, tops.hi, tops.n, NULL::bigint AS locked_n FROM tops \
+         CROSS JOIN LATERAL (SELECT pg_notify('{CHANNEL}', \
+             '{SEQUENCED_PREFIX}' || tops.partition_id || ':' || CAST(? AS TEXT))) nx \
+         UNION ALL SELECT NULL, NULL, NULL, (SELECT COUNT(*) FROM locked)"
+    )
+}
+
 /// Notifies every instance that incoming rows were committed (sent on commit).
 pub(crate) const NOTIFY_INCOMING: &str = "SELECT pg_notify('modkit_outbox', 'i')";
 

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs the docs/PERFORMANCE.md matrix with the release harness and appends one JSON line per
+# configuration (medians of RUNS runs) to OUT. Then: python3 benches/scripts/table.py OUT
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${1:-bench-results.jsonl}
+RUNS=${RUNS:-3}
+PG=${PG:-postgres://postgres@127.0.0.1:5432/outbox_bench}
+MY=${MY:-mysql://root@127.0.0.1:3306/outbox_bench}
+cargo build -q --release -p outbox-bench
+BIN=target/release/outbox-bench
+run() { "$BIN" --runs "$RUNS" "$@" | tail -n 1 >> "$OUT"; }
+for url in "$PG" "$MY" sqlite; do
+    run --url "$url" --batch 100 --partitions 8
+    run --url "$url" --batch 100 --partitions 64
+    run --url "$url" --batch 100 --partitions 8 --mode transactional
+    run --url "$url" --batch 1 --partitions 8 --messages 5000
+    if [ "$url" != sqlite ]; then
+        run --url "$url" --batch 1 --partitions 8 --messages 5000 --mode transactional
+        run --url "$url" --batch 100 --partitions 8 --instances 3
+        run --url "$url" --batch 1 --partitions 8 --messages 5000 --instances 3
+    fi
+done
+# Memory with a 100,000-message backlog (producers far ahead of the pipeline).
+"$BIN" --url "$PG" --batch 100 --partitions 8 --messages 100000 --no-floor | tail -n 1 >> "$OUT"
