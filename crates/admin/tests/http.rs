@@ -361,6 +361,28 @@ async fn openapi_lists_every_route(db: TestDb) {
             "{method} {path} missing"
         );
     }
+    // The document parses as OpenAPI 3.1 and every operation's parameters, body and responses
+    // resolve.
+    let spec = oas3::from_json(doc.to_string()).expect("valid OpenAPI 3.1 document");
+    let mut ops = 0;
+    for (path, method, op) in spec.operations() {
+        ops += 1;
+        for p in op
+            .parameters(&spec)
+            .unwrap_or_else(|e| panic!("{method} {path}: parameters: {e}"))
+        {
+            assert!(!p.name.is_empty());
+        }
+        if op.request_body.is_some() {
+            op.request_body(&spec)
+                .unwrap_or_else(|e| panic!("{method} {path}: body: {e}"));
+        }
+        assert!(
+            !op.responses(&spec).is_empty(),
+            "{method} {path}: no responses"
+        );
+    }
+    assert_eq!(ops, 6, "six operations besides /openapi.json");
     // Every referenced schema exists.
     let schemas = doc["components"]["schemas"].as_object().expect("schemas");
     let text = doc.to_string();

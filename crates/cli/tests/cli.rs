@@ -274,7 +274,29 @@ async fn cli_serve_loopback_and_beyond(db: TestDb) {
     assert_eq!(res.status().as_u16(), 200);
 }
 
+async fn cli_stats_watch_refreshes(db: TestDb) {
+    ok(&db, &["migrate", "up"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["--json", "stats", "--watch", "--interval", "100ms"])
+        .env("DATABASE_URL", &db.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let docs = text.matches("\"collected_at\"").count();
+    assert!(
+        docs >= 2,
+        "{:?}: --watch printed {docs} snapshots",
+        db.backend
+    );
+}
+
 backend_tests!(
+    cli_stats_watch_refreshes,
     cli_end_to_end,
     cli_reports_unreachable_database,
     cli_serve_loopback_and_beyond
