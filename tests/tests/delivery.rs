@@ -24,17 +24,10 @@ const PER_PRODUCER: u32 = 2000;
 async fn ordering_under_concurrent_producers(db: TestDb) {
     migrate(&db).await;
     let rec = Recorder::default();
-    let r = rec.clone();
     let handle = Outbox::builder(db.conn.clone())
         .config(fast_config())
         .queue("events", Partitions::of(PARTITIONS))
-        .leased(move |m: Message| {
-            let r = r.clone();
-            async move {
-                r.push(&m);
-                HandlerResult::Ok(Outcome::Ack)
-            }
-        })
+        .leased(rec.clone())
         .start()
         .await
         .expect("start");
@@ -329,20 +322,13 @@ async fn retries_back_off_then_dead_letter(db: TestDb) {
 async fn vacuum_empties_tables_after_drain(db: TestDb) {
     migrate(&db).await;
     let rec = Recorder::default();
-    let r = rec.clone();
     let handle = Outbox::builder(db.conn.clone())
         .config(OutboxConfig {
             vacuum_chunk: 100,
             ..fast_config()
         })
         .queue("v", Partitions::of(4))
-        .leased(move |m: Message| {
-            let r = r.clone();
-            async move {
-                r.push(&m);
-                HandlerResult::Ok(Outcome::Ack)
-            }
-        })
+        .leased(rec.clone())
         .start()
         .await
         .expect("start");
@@ -384,17 +370,10 @@ async fn wake_up_is_prompt_without_polling(db: TestDb) {
         ..fast_config()
     };
     let rec = Recorder::default();
-    let r = rec.clone();
     let handle = Outbox::builder(db.conn.clone())
         .config(config.clone())
         .queue("w", Partitions::of(2))
-        .leased(move |m: Message| {
-            let r = r.clone();
-            async move {
-                r.push(&m);
-                HandlerResult::Ok(Outcome::Ack)
-            }
-        })
+        .leased(rec.clone())
         .start()
         .await
         .expect("start");

@@ -16,22 +16,6 @@ use modkit_outbox::{
 };
 use modkit_outbox_tests::{TestDb, backend_tests};
 
-fn recording(
-    rec: &Recorder,
-) -> impl Fn(Message) -> std::pin::Pin<Box<dyn std::future::Future<Output = HandlerResult> + Send>>
-+ Send
-+ Sync
-+ 'static {
-    let rec = rec.clone();
-    move |m: Message| {
-        let rec = rec.clone();
-        Box::pin(async move {
-            rec.push(&m);
-            Ok(Outcome::Ack)
-        })
-    }
-}
-
 async fn crashed_instance_is_taken_over(db: TestDb) {
     migrate(&db).await;
     let config = OutboxConfig {
@@ -78,7 +62,7 @@ async fn crashed_instance_is_taken_over(db: TestDb) {
     let b = Outbox::builder(db.connect().await)
         .config(config)
         .queue("crash", Partitions::of(2))
-        .leased(recording(&b_rec))
+        .leased(b_rec.clone())
         .start()
         .await
         .expect("start B");

@@ -16,22 +16,6 @@ use modkit_outbox::{
 use modkit_outbox_tests::{Backend, TestDb, backend_tests};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
 
-fn recorder_handler(
-    rec: &Recorder,
-) -> impl Fn(Message) -> std::pin::Pin<Box<dyn std::future::Future<Output = HandlerResult> + Send>>
-+ Send
-+ Sync
-+ 'static {
-    let rec = rec.clone();
-    move |m: Message| {
-        let rec = rec.clone();
-        Box::pin(async move {
-            rec.push(&m);
-            Ok(Outcome::Ack)
-        })
-    }
-}
-
 async fn stop_hands_leases_over_at_once(db: TestDb) {
     migrate(&db).await;
     // A long lease: only an explicit release lets B in quickly.
@@ -43,7 +27,7 @@ async fn stop_hands_leases_over_at_once(db: TestDb) {
     let a = Outbox::builder(db.connect().await)
         .config(config.clone())
         .queue("handover", Partitions::of(2))
-        .leased(recorder_handler(&a_rec))
+        .leased(a_rec.clone())
         .start()
         .await
         .expect("start A");
@@ -77,7 +61,7 @@ async fn stop_hands_leases_over_at_once(db: TestDb) {
     let b = Outbox::builder(db.connect().await)
         .config(config)
         .queue("handover", Partitions::of(2))
-        .leased(recorder_handler(&b_rec))
+        .leased(b_rec.clone())
         .start()
         .await
         .expect("start B");
@@ -332,7 +316,7 @@ async fn orphaned_bodies_are_collected(db: TestDb) {
             ..fast_config()
         })
         .queue("o", Partitions::of(1))
-        .leased(recorder_handler(&Recorder::default()))
+        .leased(Recorder::default())
         .start()
         .await
         .expect("start");

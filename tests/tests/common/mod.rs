@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use modkit_outbox::{Message, OutboxConfig};
+use modkit_outbox::{HandlerResult, LeasedHandler, Message, OutboxConfig, Outcome};
 use modkit_outbox_migration::Migrator;
 use modkit_outbox_tests::TestDb;
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
@@ -109,6 +109,15 @@ impl Recorder {
 
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> bool {
         eventually(timeout, || async { self.len() >= n }).await
+    }
+}
+
+/// A recorder is also the simplest handler: it records and acks.
+#[async_trait::async_trait]
+impl LeasedHandler for Recorder {
+    async fn handle(&self, msg: &Message) -> HandlerResult {
+        self.push(msg);
+        Ok(Outcome::Ack)
     }
 }
 
