@@ -283,16 +283,30 @@ async fn cli_stats_watch_refreshes(db: TestDb) {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let _ = child.kill();
-    let out = child.wait_with_output().expect("output");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let docs = text.matches("\"collected_at\"").count();
-    assert!(
-        docs >= 2,
-        "{:?}: --watch printed {docs} snapshots",
-        db.backend
-    );
+    let stdout = child.stdout.take().expect("stdout");
+    let _guard = Server(child);
+    // Count snapshots as they arrive (no fixed sleep: a loaded CI machine starts slowly).
+    let seen = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut snapshots = 0;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("\"collected_at\"") {
+                snapshots += 1;
+                if snapshots == 3 {
+                    break;
+                }
+            }
+        }
+        snapshots
+    });
+    let snapshots = tokio::time::timeout(std::time::Duration::from_secs(60), seen)
+        .await
+        .expect("three snapshots within 60 s")
+        .expect("reader");
+    assert_eq!(snapshots, 3, "{:?}: --watch keeps refreshing", db.backend);
 }
 
 backend_tests!(
