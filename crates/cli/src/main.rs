@@ -422,43 +422,12 @@ async fn dead_letters(dl: &DeadLetters, action: DlAction, json: bool) -> Result<
             }
         }
         DlAction::Replay { filter, limit, yes } => {
-            let f = filter.filter(Some(DeadLetterStatus::Pending));
-            let matching = dl.count(&f).await?;
-            let total = limit.map_or(matching, |l| l.min(matching));
-            if total == 0 {
-                return report(json, "replayed", 0);
-            }
-            confirm(yes, &format!("replay {total} dead letters"))?;
-            let bar = output::progress(total, json);
-            let mut done = 0;
-            while done < total {
-                let n = dl.replay(&f, (total - done).min(MAX_BATCH)).await?.replayed;
-                if n == 0 {
-                    break;
-                }
-                done += n;
-                bar.set_position(done);
-            }
-            bar.finish_and_clear();
-            return report(json, "replayed", done);
+            let n = bulk(dl, &filter, limit, yes, json, Bulk::Replay).await?;
+            return report(json, "replayed", n);
         }
         DlAction::Discard { filter, limit, yes } => {
-            let f = filter.filter(Some(DeadLetterStatus::Pending));
-            let matching = dl.count(&f).await?;
-            let total = limit.map_or(matching, |l| l.min(matching));
-            if total == 0 {
-                return report(json, "discarded", 0);
-            }
-            confirm(yes, &format!("discard {total} dead letters"))?;
-            let mut done = 0;
-            while done < total {
-                let n = dl.discard(&f, (total - done).min(MAX_BATCH)).await?;
-                if n == 0 {
-                    break;
-                }
-                done += n;
-            }
-            return report(json, "discarded", done);
+            let n = bulk(dl, &filter, limit, yes, json, Bulk::Discard).await?;
+            return report(json, "discarded", n);
         }
         DlAction::Purge { older_than, yes } => {
             let cutoff = chrono::Utc::now()
@@ -479,6 +448,52 @@ async fn dead_letters(dl: &DeadLetters, action: DlAction, json: bool) -> Result<
         }
     }
     Ok(())
+}
+
+/// A bulk operation on pending dead letters.
+#[derive(Clone, Copy)]
+enum Bulk {
+    Replay,
+    Discard,
+}
+
+/// Applies `op` to the pending dead letters matching `filter` (at most `limit`), after
+/// confirmation, in API-sized batches with a progress bar. Returns how many were handled.
+async fn bulk(
+    dl: &DeadLetters,
+    filter: &FilterArgs,
+    limit: Option<u64>,
+    yes: bool,
+    json: bool,
+    op: Bulk,
+) -> Result<u64, Failure> {
+    let f = filter.filter(Some(DeadLetterStatus::Pending));
+    let matching = dl.count(&f).await?;
+    let total = limit.map_or(matching, |l| l.min(matching));
+    if total == 0 {
+        return Ok(0);
+    }
+    let verb = match op {
+        Bulk::Replay => "replay",
+        Bulk::Discard => "discard",
+    };
+    confirm(yes, &format!("{verb} {total} dead letters"))?;
+    let bar = output::progress(total, json);
+    let mut done = 0;
+    while done < total {
+        let chunk = (total - done).min(MAX_BATCH);
+        let n = match op {
+            Bulk::Replay => dl.replay(&f, chunk).await?.replayed,
+            Bulk::Discard => dl.discard(&f, chunk).await?,
+        };
+        if n == 0 {
+            break;
+        }
+        done += n;
+        bar.set_position(done);
+    }
+    bar.finish_and_clear();
+    Ok(done)
 }
 
 fn report(json: bool, what: &str, n: u64) -> Result<(), Failure> {

@@ -101,21 +101,29 @@ fn state_sql(db: &Db) -> String {
     )
 }
 
+impl State {
+    /// The state columns of the first row; a missing row means a partition without its
+    /// `processor` row (schema out of sync).
+    fn from_first(rows: &[sea_orm::QueryResult], partition_id: i64) -> Result<State> {
+        let r = rows.first().ok_or_else(|| {
+            OutboxError::Db(sea_orm::DbErr::RecordNotFound(format!(
+                "processor row of partition {partition_id}"
+            )))
+        })?;
+        Ok(State {
+            high: r.try_get("", "high")?,
+            processed: r.try_get("", "processed_seq")?,
+            attempts: r.try_get("", "attempts")?,
+            retry_at: get_opt_time(r, "retry_at")?,
+            locked_by: r.try_get("", "locked_by")?,
+            locked_until: get_opt_time(r, "locked_until")?,
+        })
+    }
+}
+
 async fn read_state(db: &Db, sql: &str, partition_id: i64) -> Result<State> {
     let rows = db.query_all(sql, vec![Value::from(partition_id)]).await?;
-    let r = rows.first().ok_or_else(|| {
-        OutboxError::Db(sea_orm::DbErr::RecordNotFound(format!(
-            "processor row of partition {partition_id}"
-        )))
-    })?;
-    Ok(State {
-        high: r.try_get("", "high")?,
-        processed: r.try_get("", "processed_seq")?,
-        attempts: r.try_get("", "attempts")?,
-        retry_at: get_opt_time(r, "retry_at")?,
-        locked_by: r.try_get("", "locked_by")?,
-        locked_until: get_opt_time(r, "locked_until")?,
-    })
+    State::from_first(&rows, partition_id)
 }
 
 const FETCH_SQL: &str = "SELECT o.seq, b.id, b.payload, b.payload_type, b.headers, b.created_at \
@@ -196,20 +204,7 @@ async fn read_state_and_batch(p: &Partition) -> Result<(State, Vec<Message>)> {
             vec![Value::from(p.queue.batch_size as i64), Value::from(p.id)],
         )
         .await?;
-    let first = rows.first().ok_or_else(|| {
-        OutboxError::Db(sea_orm::DbErr::RecordNotFound(format!(
-            "processor row of partition {}",
-            p.id
-        )))
-    })?;
-    let st = State {
-        high: first.try_get("", "high")?,
-        processed: first.try_get("", "processed_seq")?,
-        attempts: first.try_get("", "attempts")?,
-        retry_at: get_opt_time(first, "retry_at")?,
-        locked_by: first.try_get("", "locked_by")?,
-        locked_until: get_opt_time(first, "locked_until")?,
-    };
+    let st = State::from_first(&rows, p.id)?;
     let mut msgs = Vec::with_capacity(rows.len());
     for r in &rows {
         if r.try_get::<Option<i64>>("", "seq")?.is_some() {
