@@ -15,6 +15,7 @@ use modkit_outbox::{
     TransactionalHandler,
 };
 use modkit_outbox_tests::{Backend, TestDb, backend_tests};
+use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement, TransactionTrait};
 
 const PRODUCERS: u32 = 8;
@@ -418,7 +419,69 @@ async fn wake_up_is_prompt_without_polling(db: TestDb) {
     handle.stop().await;
 }
 
+/// PostgreSQL: instance A runs a sequencer but no handler, instance B handles the queue; the
+/// fallback poll is 30 s. A's producers wake A's sequencer in-process (no `NOTIFY` on their
+/// commits), and A's sequencer notifies B, whose lease it does not hold. Both wake-ups must be
+/// prompt.
+async fn sequencer_notifies_the_lease_holder_elsewhere(db: TestDb) {
+    if db.backend != Backend::Postgres {
+        return;
+    }
+    migrate(&db).await;
+    let config = OutboxConfig {
+        poll_interval: Duration::from_secs(30),
+        ..fast_config()
+    };
+    let pool = db.conn.get_postgres_connection_pool().clone();
+    let mut listener = PgListener::connect_with(&pool).await.expect("listener");
+    listener.listen("modkit_outbox").await.expect("listen");
+    let a = Outbox::builder(db.connect().await)
+        .config(config.clone())
+        .queue("x", Partitions::of(1))
+        .producer_only()
+        .start()
+        .await
+        .expect("start A");
+    let rec = Recorder::default();
+    let b = Outbox::builder(db.connect().await)
+        .config(config)
+        .queue("x", Partitions::of(1))
+        .leased(rec.clone())
+        .start()
+        .await
+        .expect("start B");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in 1..=2usize {
+        let txn = db.conn.begin().await.expect("begin");
+        a.outbox()
+            .enqueue(&txn, "x", 0, format!("m{n}"), "t")
+            .await
+            .expect("enqueue");
+        txn.commit().await.expect("commit");
+        assert!(
+            rec.wait_for(n, Duration::from_secs(3)).await,
+            "message {n} reached the other instance promptly"
+        );
+    }
+    let mut payloads = Vec::new();
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await {
+        payloads.push(n.payload().to_owned());
+    }
+    assert!(
+        !payloads.iter().any(|p| p == "i"),
+        "a producer with a local sequencer sent NOTIFY: {payloads:?}"
+    );
+    assert_eq!(
+        payloads.iter().filter(|p| p.starts_with("s:")).count(),
+        2,
+        "one NOTIFY per pass for the partition leased elsewhere: {payloads:?}"
+    );
+    b.stop().await;
+    a.stop().await;
+}
+
 backend_tests!(
+    sequencer_notifies_the_lease_holder_elsewhere,
     ordering_under_concurrent_producers,
     transactional_exactly_once,
     retries_back_off_then_dead_letter,

@@ -15,6 +15,7 @@ use modkit_outbox::{
     HandlerResult, Message, NewMessage, Outbox, OutboxConfig, Outcome, Partitions,
 };
 use modkit_outbox_tests::{TestDb, backend_tests};
+use sea_orm::ConnectionTrait;
 
 async fn crashed_instance_is_taken_over(db: TestDb) {
     migrate(&db).await;
@@ -245,7 +246,141 @@ async fn three_instances_never_share_a_partition(db: TestDb) {
     eprintln!("{:?}: deliveries per instance {spread:?}", db.backend);
 }
 
+/// Eight partitions finish their batches at the same moment, so their acks tend to share one
+/// statement; the even partitions' leases were taken meanwhile. Their acks must be refused (and
+/// their messages delivered again once the thief lets go) while the odd ones go through.
+async fn ack_under_a_stolen_lease_is_refused(db: TestDb) {
+    const PARTS: u32 = 8;
+    migrate(&db).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let running = Arc::new(AtomicUsize::new(0));
+    let rec = Recorder::default();
+    let (g, r, c) = (gate.clone(), rec.clone(), running.clone());
+    let handle = Outbox::builder(db.connect().await)
+        .config(OutboxConfig {
+            // Long enough that no renewal falls inside the test's window.
+            lease_ttl: Duration::from_secs(60),
+            ..fast_config()
+        })
+        .queue("steal", Partitions::of(PARTS))
+        .leased(move |m: Message| {
+            let (g, r, c) = (g.clone(), r.clone(), c.clone());
+            async move {
+                if r.all().iter().all(|x| x.id != m.id) {
+                    // First delivery: wait for the test to open the gate.
+                    c.fetch_add(1, Ordering::SeqCst);
+                    let _ = g.acquire().await.map(|p| p.forget());
+                }
+                r.push(&m);
+                HandlerResult::Ok(Outcome::Ack)
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    let msgs: Vec<NewMessage> = (0..PARTS)
+        .map(|p| NewMessage::new("steal", p, p.to_string(), "t"))
+        .collect();
+    handle
+        .outbox()
+        .enqueue_batch(&db.conn, &msgs)
+        .await
+        .expect("enqueue");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            running.load(Ordering::SeqCst) >= PARTS as usize
+        })
+        .await,
+        "every handler started"
+    );
+    let part = if db.backend == modkit_outbox_tests::Backend::MySql {
+        "`partition`"
+    } else {
+        "\"partition\""
+    };
+    let stolen = format!(
+        "(SELECT id FROM modkit_outbox_partitions WHERE queue = 'steal' AND {part} % 2 = 0)"
+    );
+    let far = match db.backend {
+        // Within MySQL's TIMESTAMP range.
+        modkit_outbox_tests::Backend::Sqlite => "'2037-01-01T00:00:00.000000Z'",
+        _ => "'2037-01-01 00:00:00'",
+    };
+    db.conn
+        .execute_unprepared(&format!(
+            "UPDATE modkit_outbox_processor SET locked_by = 'thief', locked_until = {far} \
+             WHERE partition_id IN {stolen}"
+        ))
+        .await
+        .expect("steal");
+    gate.add_permits(PARTS as usize);
+    let acked = |even: bool| {
+        format!(
+            "SELECT COUNT(*) AS n FROM modkit_outbox_processor \
+             WHERE processed_seq = 1 AND partition_id {} {stolen}",
+            if even { "IN" } else { "NOT IN" }
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            scalar(&db.conn, &acked(false)).await == i64::from(PARTS / 2)
+        })
+        .await,
+        "{:?}: the odd partitions acked",
+        db.backend
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        scalar(&db.conn, &acked(true)).await,
+        0,
+        "{:?}: an ack under a lost lease moved a cursor",
+        db.backend
+    );
+    assert_eq!(
+        scalar(
+            &db.conn,
+            &format!(
+                "SELECT COUNT(*) AS n FROM modkit_outbox_processor \
+                 WHERE locked_by = 'thief' AND partition_id IN {stolen}"
+            )
+        )
+        .await,
+        i64::from(PARTS / 2),
+        "the thief keeps its leases"
+    );
+    // The thief lets go: the unacknowledged messages are delivered again (at least once).
+    db.conn
+        .execute_unprepared(&format!(
+            "UPDATE modkit_outbox_processor SET locked_by = NULL, locked_until = NULL \
+             WHERE partition_id IN {stolen}"
+        ))
+        .await
+        .expect("release");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            scalar(&db.conn, &acked(true)).await == i64::from(PARTS / 2)
+        })
+        .await,
+        "{:?}: the even partitions delivered again and acked",
+        db.backend
+    );
+    handle.stop().await;
+    let mut per_partition: HashMap<u32, usize> = HashMap::new();
+    for m in rec.all() {
+        *per_partition.entry(m.partition).or_default() += 1;
+    }
+    for p in 0..PARTS {
+        let want = if p % 2 == 0 { 2 } else { 1 };
+        assert_eq!(
+            per_partition.get(&p),
+            Some(&want),
+            "deliveries of partition {p}"
+        );
+    }
+}
+
 backend_tests!(
+    ack_under_a_stolen_lease_is_refused,
     crashed_instance_is_taken_over,
     slow_handler_keeps_its_lease,
     three_instances_never_share_a_partition,

@@ -491,7 +491,7 @@ impl DeadLetters {
                 headers: crate::message::encode_headers(&m.headers),
             })
             .collect();
-        crate::enqueue::insert(&w.txn, d, &resolved).await?;
+        crate::enqueue::insert(&w.txn, d, &resolved, true).await?;
         let now = Utc::now();
         let n = crate::backend::execute(
             &w.txn,

@@ -43,11 +43,13 @@ pub(crate) struct Resolved<'a> {
     pub(crate) headers: Option<String>,
 }
 
-/// Writes the rows; returns the body ids in message order.
+/// Writes the rows; returns the body ids in message order. `notify` (PostgreSQL only) adds a
+/// `NOTIFY` that wakes every instance's sequencer when the transaction commits.
 pub(crate) async fn insert<C: ConnectionTrait>(
     c: &C,
     d: Dialect,
     msgs: &[Resolved<'_>],
+    notify: bool,
 ) -> Result<Vec<MessageId>> {
     let now = chrono::Utc::now();
     if d == Dialect::Postgres && msgs.len() == 1 {
@@ -55,7 +57,11 @@ pub(crate) async fn insert<C: ConnectionTrait>(
         let rows = query_all(
             c,
             d,
-            postgres::ENQUEUE_ONE,
+            if notify {
+                postgres::ENQUEUE_ONE_NOTIFY
+            } else {
+                postgres::ENQUEUE_ONE
+            },
             vec![
                 Value::from(m.msg.payload.to_vec()),
                 Value::from(m.msg.payload_type.as_str()),
@@ -82,7 +88,7 @@ pub(crate) async fn insert<C: ConnectionTrait>(
             args.push(Value::from(m.partition_id));
             args.push(Value::from(*id));
         }
-        let sql = if d == Dialect::Postgres {
+        let sql = if d == Dialect::Postgres && notify {
             format!(
                 "WITH i AS (INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES {values}) {}",
                 postgres::NOTIFY_INCOMING
@@ -90,7 +96,7 @@ pub(crate) async fn insert<C: ConnectionTrait>(
         } else {
             format!("INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES {values}")
         };
-        if d == Dialect::Postgres {
+        if d == Dialect::Postgres && notify {
             query_all(c, d, &sql, args).await?;
         } else {
             crate::backend::execute(c, d, &sql, args).await?;

@@ -150,16 +150,18 @@ impl Outbox {
         let span = tracing::debug_span!("outbox.enqueue", messages = msgs.len());
         async {
             let ids = if txn.in_transaction() {
-                let ids = enqueue::insert(txn, d, &resolved).await?;
-                // Not committed yet. PostgreSQL notifies every instance (this one included) on
-                // commit; elsewhere the sequencer re-checks for a short while.
-                if d != Dialect::Postgres {
-                    self.inner.signals.enqueued();
-                }
+                // Not committed yet. A sequencer in this process is woken now and re-checks for
+                // a short while until the rows become visible. Without one, PostgreSQL notifies
+                // every instance on commit; elsewhere the fallback poll finds the rows.
+                let local = self.inner.signals.has_local_sequencer();
+                let ids = enqueue::insert(txn, d, &resolved, !local).await?;
+                self.inner.signals.enqueued();
                 ids
             } else {
                 let own = txn.begin().await?;
-                let ids = enqueue::insert(&own, d, &resolved).await?;
+                // Committed here, so the local wake-up is exact; NOTIFY only reaches others.
+                let local = self.inner.signals.has_local_sequencer();
+                let ids = enqueue::insert(&own, d, &resolved, !local).await?;
                 own.commit().await?;
                 self.inner.signals.incoming_committed();
                 ids

@@ -11,7 +11,12 @@
 //! 3. read up to `sequencer_batch` incoming rows per locked partition, oldest first;
 //! 4. insert them into `outgoing`, advance each partition's `sequence`, delete them from
 //!    `incoming` by primary key (and check that every row was still there);
-//! 5. commit, then wake the partitions' processors (PostgreSQL: `NOTIFY` to every instance).
+//! 5. commit, then wake the partitions' processors (PostgreSQL: `NOTIFY` to the other instances
+//!    for partitions whose lease this instance does not hold).
+//!
+//! On PostgreSQL steps 2–5 are one statement per group, and a trickle pass (the previous one
+//! moved fewer than [`SPLIT_ABOVE`] rows) is one statement including step 1. Groups run
+//! concurrently only after a big pass: at a trickle they would only multiply round trips.
 //!
 //! A partition skipped because another instance holds it is not "empty": the pass reports it and
 //! the loop re-checks shortly.
@@ -23,10 +28,11 @@ use std::time::Duration;
 use sea_orm::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::postgres::PassCandidates;
 use crate::backend::{Dialect, MAX_IN_LIST, execute, placeholders, postgres, query_all};
 use crate::error::{OutboxError, Result};
 use crate::outbox::Inner;
-use crate::signals::PENDING_COMMIT_WINDOW;
+use crate::signals::{PENDING_COMMIT_WINDOW, SequencerAlive};
 
 /// First re-check delay after a pass found nothing right after an enqueue; doubles up to
 /// [`RECHECK_MAX`].
@@ -37,6 +43,8 @@ const LINGER: Duration = Duration::from_millis(2);
 const LINGER_BELOW: usize = 64;
 /// Re-check delay when partitions were skipped because another instance held them.
 const SKIPPED_RECHECK: Duration = Duration::from_millis(20);
+/// Passes are split into concurrent groups only after a pass moved at least this many rows.
+const SPLIT_ABOVE: usize = 256;
 /// Partitions one pass works on (keeps every statement far below bind-parameter limits).
 const MAX_PARTITIONS_PER_PASS: usize = MAX_IN_LIST;
 
@@ -49,8 +57,12 @@ pub(crate) struct PassResult {
 /// One sequencing pass over every partition that has incoming rows: the partitions are split
 /// into up to `sequencer_workers` disjoint groups sequenced concurrently, each in its own
 /// transaction (one group on SQLite, which has a single writer).
-pub(crate) async fn pass(inner: &Inner) -> Result<PassResult> {
+pub(crate) async fn pass(inner: &Inner, split: bool) -> Result<PassResult> {
     let db = &inner.db;
+    if db.dialect == Dialect::Postgres && !split {
+        // A trickle: finding and moving the rows is one statement, one round trip.
+        return pass_group_postgres(inner, &[]).await;
+    }
     // One index probe per partition row: cheap however large the incoming backlog is.
     let candidates: Vec<i64> = db
         .query_all(
@@ -69,6 +81,8 @@ pub(crate) async fn pass(inner: &Inner) -> Result<PassResult> {
     let candidates = &candidates[..candidates.len().min(MAX_PARTITIONS_PER_PASS)];
     let workers = match (db.dialect, inner.config.sequencer_workers) {
         (Dialect::Sqlite, _) => 1,
+        // A trickle: one statement moves it all; more would only multiply round trips.
+        _ if !split => 1,
         (_, Some(w)) => w,
         (Dialect::Postgres, None) => crate::config::DEFAULT_SEQUENCER_WORKERS,
         (Dialect::MySql, None) => 1,
@@ -232,16 +246,25 @@ async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
     })
 }
 
-/// PostgreSQL: the whole group pass as one statement (see [`postgres::sequence_pass_sql`]).
-async fn pass_group_postgres(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
+/// PostgreSQL: the whole group pass as one statement (see [`postgres::sequence_pass_sql`]):
+/// on the given partitions, or (`ids` empty) on whichever have incoming rows.
+async fn pass_group_postgres(inner: &Inner, ids: &[i64]) -> Result<PassResult> {
     let db = &inner.db;
-    let sql = postgres::sequence_pass_sql(&placeholders(candidates.len()));
-    let mut args: Vec<Value> = candidates.iter().map(|i| Value::from(*i)).collect();
+    let rendered;
+    let which = if ids.is_empty() {
+        PassCandidates::Probe(MAX_PARTITIONS_PER_PASS)
+    } else {
+        rendered = placeholders(ids.len());
+        PassCandidates::Ids(&rendered)
+    };
+    let sql = postgres::sequence_pass_sql(which);
+    let mut args: Vec<Value> = ids.iter().map(|i| Value::from(*i)).collect();
     args.push(Value::from(inner.config.sequencer_batch as i64));
+    args.push(Value::from(inner.instance_id.as_str()));
     args.push(Value::from(inner.instance_id.as_str()));
     let rows = db.query_all(&sql, args).await?;
     let mut moved = 0usize;
-    let mut locked = 0i64;
+    let (mut locked, mut found) = (0i64, ids.len() as i64);
     for r in &rows {
         match r.try_get::<Option<i64>>("", "partition_id")? {
             Some(pid) => {
@@ -250,7 +273,12 @@ async fn pass_group_postgres(inner: &Inner, candidates: &[i64]) -> Result<PassRe
                 tracing::trace!(partition_id = pid, moved = n, "sequenced");
                 inner.signals.wake_processor(pid);
             }
-            None => locked = r.try_get::<Option<i64>>("", "locked_n")?.unwrap_or(0),
+            None => {
+                locked = r.try_get::<Option<i64>>("", "locked_n")?.unwrap_or(0);
+                if let Some(n) = r.try_get::<Option<i64>>("", "cand_n")? {
+                    found = n;
+                }
+            }
         }
     }
     if moved > 0 {
@@ -258,12 +286,14 @@ async fn pass_group_postgres(inner: &Inner, candidates: &[i64]) -> Result<PassRe
     }
     Ok(PassResult {
         moved,
-        skipped: (locked as usize) < candidates.len(),
+        skipped: locked < found,
     })
 }
 
-/// The sequencer task: runs passes while there is work, sleeps on signals otherwise.
-pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
+/// The sequencer task: runs passes while there is work, sleeps on signals otherwise. `_alive`
+/// tells this process's producers that a local sequencer listens, until the task ends (or is
+/// aborted: the future, and with it the guard, is dropped).
+pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: SequencerAlive) {
     let mut error_backoff = Duration::from_millis(50);
     loop {
         tokio::select! {
@@ -272,12 +302,14 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
         }
         let mut recheck = RECHECK_MIN;
         let mut skipped_rounds = 0;
+        let mut split = false;
         loop {
             if cancel.is_cancelled() {
                 return;
             }
-            let (delay, interruptible) = match pass(&inner).await {
+            let (delay, interruptible) = match pass(&inner, split).await {
                 Ok(r) if r.moved > 0 => {
+                    split = r.moved >= SPLIT_ABOVE;
                     error_backoff = Duration::from_millis(50);
                     recheck = RECHECK_MIN;
                     skipped_rounds = 0;
@@ -293,6 +325,7 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
                 }
                 Ok(r) => {
                     error_backoff = Duration::from_millis(50);
+                    split = false;
                     if r.skipped && skipped_rounds < 50 {
                         skipped_rounds += 1;
                         (SKIPPED_RECHECK, true)

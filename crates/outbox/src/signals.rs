@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -20,6 +21,25 @@ pub(crate) struct Signals {
     vacuum: Notify,
     processors: DashMap<i64, Arc<Notify>>,
     last_enqueue: Mutex<Option<Instant>>,
+    /// Sequencer tasks running in this process on this outbox (see [`SequencerAlive`]).
+    local_sequencers: AtomicUsize,
+}
+
+/// Held by a running sequencer task: while one exists, producers in this process wake it
+/// directly instead of asking the database to notify every instance on commit.
+pub(crate) struct SequencerAlive(Arc<Signals>);
+
+impl SequencerAlive {
+    pub(crate) fn new(signals: Arc<Signals>) -> Self {
+        signals.local_sequencers.fetch_add(1, Ordering::SeqCst);
+        Self(signals)
+    }
+}
+
+impl Drop for SequencerAlive {
+    fn drop(&mut self) {
+        self.0.local_sequencers.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Signals {
@@ -29,6 +49,12 @@ impl Signals {
             *g = Some(Instant::now());
         }
         self.sequencer.notify_one();
+    }
+
+    /// Whether a sequencer runs in this process (it then hears of this process's enqueues
+    /// directly).
+    pub(crate) fn has_local_sequencer(&self) -> bool {
+        self.local_sequencers.load(Ordering::SeqCst) > 0
     }
 
     /// Incoming rows were committed (known after commit or from `NOTIFY`).

@@ -8,12 +8,19 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Dialect, MAX_IN_LIST, placeholders};
+use crate::handler::QueueHandler;
 use crate::outbox::{Inner, Outbox};
 use crate::processor::Partition;
+use crate::processor::coalesce::LeasedIo;
 
 pub(crate) fn spawn_all(outbox: &Outbox, cancel: &CancellationToken, tasks: &mut JoinSet<()>) {
     let inner = outbox.inner.clone();
-    tasks.spawn(crate::sequencer::run(inner.clone(), cancel.child_token()));
+    let alive = crate::signals::SequencerAlive::new(inner.signals.clone());
+    tasks.spawn(crate::sequencer::run(
+        inner.clone(),
+        cancel.child_token(),
+        alive,
+    ));
     tasks.spawn(crate::vacuum::run(inner.clone(), cancel.child_token()));
     tasks.spawn(reconcile(inner.clone(), cancel.child_token()));
     if inner.db.dialect == Dialect::Postgres {
@@ -24,12 +31,20 @@ pub(crate) fn spawn_all(outbox: &Outbox, cancel: &CancellationToken, tasks: &mut
             cancel.child_token(),
         ));
     }
+    let any_leased = inner
+        .queues
+        .values()
+        .any(|q| matches!(q.handler, Some(QueueHandler::Leased(_))));
+    // The drivers end once every processor holding them has ended.
+    let io = any_leased.then(|| LeasedIo::spawn(&inner, tasks));
     for q in inner.queues.values() {
         if q.handler.is_none() {
             continue;
         }
+        let leased = matches!(q.handler, Some(QueueHandler::Leased(_)));
         for index in 0..q.partitions {
-            let p = Partition::new(inner.clone(), q.clone(), index);
+            let io = if leased { io.clone() } else { None };
+            let p = Partition::new(inner.clone(), q.clone(), index, io);
             tasks.spawn(p.run(cancel.child_token()));
         }
     }

@@ -20,29 +20,63 @@ pub(crate) const INCOMING: &str = "i";
 pub(crate) const SEQUENCED_PREFIX: &str = "s:";
 
 /// One message: body, incoming row and notification in a single statement (one round trip).
-pub(crate) const ENQUEUE_ONE: &str = "WITH b AS (\
+///
+/// Used when no sequencer runs in the producer's process. A `NOTIFY` costs the producer more
+/// than a round trip: PostgreSQL serializes the commits of notifying transactions (a database-wide
+/// lock held through the commit's WAL flush), so concurrent producers lose group commit.
+pub(crate) const ENQUEUE_ONE_NOTIFY: &str = "WITH b AS (\
      INSERT INTO modkit_outbox_body (payload, payload_type, headers, created_at) \
      VALUES (?, ?, ?, ?) RETURNING id), \
    i AS (INSERT INTO modkit_outbox_incoming (partition_id, body_id) SELECT ?, id FROM b RETURNING body_id) \
    SELECT body_id AS id, pg_notify('modkit_outbox', 'i') AS n FROM i";
 
+/// [`ENQUEUE_ONE_NOTIFY`] without the notification: the local sequencer is woken in-process.
+pub(crate) const ENQUEUE_ONE: &str = "WITH b AS (\
+     INSERT INTO modkit_outbox_body (payload, payload_type, headers, created_at) \
+     VALUES (?, ?, ?, ?) RETURNING id) \
+   INSERT INTO modkit_outbox_incoming (partition_id, body_id) SELECT ?, id FROM b RETURNING body_id AS id";
+
 /// A whole sequencer pass for a group of partitions in one statement (one round trip, committed
 /// on its own): lock the partitions (`SKIP LOCKED`), take up to `$n` oldest incoming rows of
 /// each, delete them, number the rows actually deleted after each partition's current sequence,
-/// insert them into `outgoing`, advance the sequences, and notify every other instance.
+/// insert them into `outgoing`, advance the sequences, and notify the other instances.
 ///
 /// Numbering uses the rows the `DELETE` really removed and the sequence value the lock returned
 /// (READ COMMITTED re-reads a locked row at its newest version), so rows another sequencer moved
 /// between this statement's snapshot and its lock are neither numbered nor moved twice: seqs stay
 /// gapless. The last row reports how many partitions were locked.
 ///
-/// Placeholders: `{ids}` (the candidate partition ids), then the per-partition limit, then the
-/// instance id.
-pub(crate) fn sequence_pass_sql(ids: &str) -> String {
+/// Only partitions whose lease is not held by this instance are notified: our own processors
+/// are woken in-process, and a `NOTIFY` serializes the commit behind every other notifying
+/// transaction. The statement commits with `synchronous_commit = off` (bookkeeping; see
+/// GUARANTEES.md: a crash can only lose a suffix of such commits, which the rows still in
+/// `incoming` redo).
+///
+/// Without candidate ids ([`PassCandidates::Probe`]) the statement finds the partitions with
+/// incoming rows itself (one index probe per partition), so a pass is a single round trip.
+///
+/// Every row carries `locked_n`/`cand_n` as NULL except the last, which reports how many
+/// partitions were locked and (probe form) how many had incoming rows: fewer locked than found
+/// means another sequencer held some. Placeholders: the candidate ids (ids form), then the
+/// per-partition limit, then the instance id twice.
+pub(crate) fn sequence_pass_sql(c: PassCandidates<'_>) -> String {
+    let (cand, filter, cand_n) = match c {
+        PassCandidates::Ids(ids) => (String::new(), format!("id IN ({ids})"), "NULL::bigint"),
+        PassCandidates::Probe(limit) => (
+            format!(
+                "cand AS MATERIALIZED ( \
+                    SELECT p.id FROM modkit_outbox_partitions p WHERE EXISTS ( \
+                        SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) \
+                    ORDER BY p.id LIMIT {limit}), "
+            ),
+            "id IN (SELECT id FROM cand)".to_owned(),
+            "(SELECT COUNT(*) FROM cand)",
+        ),
+    };
     format!(
-        "WITH locked AS ( \
+        "WITH {cand}locked AS ( \
             SELECT id, \"sequence\" AS seq FROM modkit_outbox_partitions \
-            WHERE id IN ({ids}) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED), \
+            WHERE {filter} ORDER BY id FOR NO KEY UPDATE SKIP LOCKED), \
          picked AS ( \
             SELECT i.id, i.partition_id, i.body_id FROM locked l CROSS JOIN LATERAL ( \
                 SELECT id, partition_id, body_id FROM modkit_outbox_incoming \
@@ -61,13 +95,34 @@ pub(crate) fn sequence_pass_sql(ids: &str) -> String {
             SELECT partition_id, MAX(seq) AS hi, COUNT(*) AS n FROM numbered GROUP BY partition_id), \
          upd AS ( \
             UPDATE modkit_outbox_partitions t SET \"sequence\" = tops.hi FROM tops \
-            WHERE t.id = tops.partition_id) \
-         SELECT tops.partition_id, tops.hi, tops.n, NULL::bigint AS locked_n FROM tops \
-         CROSS JOIN LATERAL (SELECT pg_notify('{CHANNEL}', \
-             '{SEQUENCED_PREFIX}' || tops.partition_id || ':' || CAST(? AS TEXT))) nx \
-         UNION ALL SELECT NULL, NULL, NULL, (SELECT COUNT(*) FROM locked)"
+            WHERE t.id = tops.partition_id), \
+         cfg AS (SELECT set_config('synchronous_commit', 'off', true) AS v) \
+         SELECT tops.partition_id, tops.hi, tops.n, NULL::bigint AS locked_n, \
+             NULL::bigint AS cand_n FROM tops \
+         LEFT JOIN modkit_outbox_processor pr ON pr.partition_id = tops.partition_id \
+         CROSS JOIN LATERAL (SELECT CASE \
+             WHEN pr.locked_by = CAST(? AS TEXT) AND pr.locked_until > now() THEN NULL \
+             ELSE pg_notify('{CHANNEL}', \
+                 '{SEQUENCED_PREFIX}' || tops.partition_id || ':' || CAST(? AS TEXT)) END) nx \
+         UNION ALL SELECT NULL, NULL, NULL, (SELECT COUNT(*) FROM locked), {cand_n} FROM cfg"
     )
 }
+
+/// Which partitions a sequencer pass statement works on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PassCandidates<'a> {
+    /// These ids (`?, ?, …` placeholders), found by a separate probe.
+    Ids(&'a str),
+    /// Whichever partitions have incoming rows, at most this many.
+    Probe(usize),
+}
+
+/// Appended to the `WHERE` of a single-statement bookkeeping write (a leased ack): the
+/// statement's own commit then skips the WAL flush (`synchronous_commit = off` for this
+/// transaction only). The condition is always true; it only runs for rows the other conditions
+/// matched, and without such a row nothing is written. See GUARANTEES.md on what a crash loses.
+pub(crate) const ASYNC_COMMIT_CONDITION: &str =
+    " AND set_config('synchronous_commit', 'off', true) IS NOT NULL";
 
 /// Notifies every instance that incoming rows were committed (sent on commit).
 pub(crate) const NOTIFY_INCOMING: &str = "SELECT pg_notify('modkit_outbox', 'i')";

@@ -14,6 +14,7 @@
 //! An idle partition costs one read when woken and no write. Retries wait head-of-line with
 //! backoff (`retry_at`), which new arrivals do not cut short.
 
+pub(crate) mod coalesce;
 pub(crate) mod lease;
 
 use std::future::Future;
@@ -178,32 +179,36 @@ fn row_to_message(
     })
 }
 
-/// State and the next batch in one round trip (leased mode). Seqs are gapless, so the batch is
-/// the range `(processed_seq, processed_seq + batch_size]`; an idle partition yields one row
-/// with no message.
-fn state_and_batch_sql(db: &Db) -> String {
+/// State and the next batch of `n` partitions in one round trip (leased mode; see
+/// [`coalesce`]). Seqs are gapless, so a batch is the range `(processed_seq, processed_seq +
+/// batch_size]`; an idle partition yields one row with no message. Placeholders: the batch
+/// size, then the `n` partition ids.
+pub(crate) fn state_and_batch_sql(db: &Db, n: usize) -> String {
     format!(
-        "SELECT p.{seq} AS high, pr.processed_seq, pr.attempts, pr.retry_at, pr.locked_by, \
-         pr.locked_until, o.seq, b.id, b.payload, b.payload_type, b.headers, b.created_at \
+        "SELECT pr.partition_id AS pid, p.{seq} AS high, pr.processed_seq, pr.attempts, \
+         pr.retry_at, pr.locked_by, pr.locked_until, o.seq, b.id, b.payload, b.payload_type, \
+         b.headers, b.created_at \
          FROM modkit_outbox_processor pr \
          JOIN modkit_outbox_partitions p ON p.id = pr.partition_id \
          LEFT JOIN modkit_outbox_outgoing o ON o.partition_id = pr.partition_id \
            AND o.seq > pr.processed_seq AND o.seq <= pr.processed_seq + ? \
          LEFT JOIN modkit_outbox_body b ON b.id = o.body_id \
-         WHERE pr.partition_id = ? ORDER BY o.seq",
+         WHERE pr.partition_id IN ({}) ORDER BY pr.partition_id, o.seq",
+        crate::backend::placeholders(n),
         seq = db.dialect.q("sequence")
     )
 }
 
 async fn read_state_and_batch(p: &Partition) -> Result<(State, Vec<Message>)> {
-    let rows = p
-        .inner
-        .db
-        .query_all(
-            &p.batch_sql,
-            vec![Value::from(p.queue.batch_size as i64), Value::from(p.id)],
-        )
-        .await?;
+    let req = (p.id, p.queue.batch_size);
+    let rows = match &p.io {
+        Some(io) => io.reads.call(req).await.ok_or_else(shutting_down)?,
+        None => coalesce::read_many(&p.inner.db, &[req])
+            .await
+            .pop()
+            .unwrap_or_else(|| Ok(Vec::new())),
+    }
+    .map_err(|e| OutboxError::Db(sea_orm::DbErr::Custom(e)))?;
     let st = State::from_first(&rows, p.id)?;
     let mut msgs = Vec::with_capacity(rows.len());
     for r in &rows {
@@ -324,13 +329,16 @@ async fn insert_dead_letters<C: ConnectionTrait>(
 }
 
 /// Moves the cursor. `owner` adds the lease guard (leased mode). Returns false when the guard
-/// did not match (lease lost, or the cursor moved under us).
+/// did not match (lease lost, or the cursor moved under us). `bookkeeping`: the statement
+/// commits on its own and may skip the WAL flush on PostgreSQL (a lost leased ack only means
+/// the batch is delivered again).
 async fn write_cursor<C: ConnectionTrait>(
     c: &C,
     p: &Partition,
     from: i64,
     a: &Applied<'_>,
     owner: Option<(&str, DateTime<Utc>)>,
+    bookkeeping: bool,
 ) -> Result<bool> {
     let d = p.inner.db.dialect;
     let mut sql = String::from(
@@ -356,6 +364,9 @@ async fn write_cursor<C: ConnectionTrait>(
         sql.push_str(lease::ACK_GUARD);
         args.push(Value::from(who));
     }
+    if bookkeeping && d == crate::backend::Dialect::Postgres {
+        sql.push_str(crate::backend::postgres::ASYNC_COMMIT_CONDITION);
+    }
     Ok(execute(c, d, &sql, args).await? == 1)
 }
 
@@ -370,7 +381,27 @@ pub(crate) struct Partition {
     /// When our lease ends, as we last wrote it (acquire, renewal, ack).
     lease_expires: DateTime<Utc>,
     state_sql: String,
-    batch_sql: String,
+    /// Coalesced reads and acks (leased queues).
+    io: Option<coalesce::LeasedIo>,
+}
+
+/// The coalescing driver is gone: the engine is stopping.
+fn shutting_down() -> OutboxError {
+    OutboxError::Db(sea_orm::DbErr::Custom(
+        "outbox engine is shutting down".to_owned(),
+    ))
+}
+
+/// What follows an ack: the retry backoff, another batch, or (when the cursor reached `high`,
+/// the partition's sequence when the batch was read) sleep. Rows sequenced after that read
+/// wake the processor (in-process, or `NOTIFY` from another instance), so no extra read is
+/// needed to find the partition empty.
+fn next_after_ack(a: &Applied<'_>, high: i64) -> Step {
+    match a.retry_at {
+        Some(t) => at(t, false),
+        None if a.processed >= high => Step::Idle,
+        None => Step::More,
+    }
 }
 
 fn at(t: DateTime<Utc>, interruptible: bool) -> Step {
@@ -382,11 +413,15 @@ fn at(t: DateTime<Utc>, interruptible: bool) -> Step {
 }
 
 impl Partition {
-    pub(crate) fn new(inner: Arc<Inner>, queue: Arc<QueueInfo>, index: u32) -> Self {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        queue: Arc<QueueInfo>,
+        index: u32,
+        io: Option<coalesce::LeasedIo>,
+    ) -> Self {
         let id = queue.partition_ids[index as usize];
         let notify = inner.signals.processor(id);
         let state_sql = state_sql(&inner.db);
-        let batch_sql = state_and_batch_sql(&inner.db);
         Self {
             inner,
             queue,
@@ -396,7 +431,7 @@ impl Partition {
             holds_lease: false,
             lease_expires: DateTime::<Utc>::MIN_UTC,
             state_sql,
-            batch_sql,
+            io,
         }
     }
 
@@ -554,15 +589,41 @@ impl Partition {
             // The handler answered none of the messages: offer them again later.
             return Ok(at(Utc::now() + chrono::Duration::milliseconds(100), false));
         }
-        let new_until = self.lease_until();
-        let acked = if a.dead.is_empty() {
+        let mut new_until = self.lease_until();
+        let acked = if a.dead.is_empty() && a.retry_at.is_none() && self.io.is_some() {
+            // Every message acked: one statement shared with the other partitions acking now.
+            let req = coalesce::AckReq {
+                partition_id: self.id,
+                from: st.processed,
+                to: a.processed,
+                until: new_until,
+            };
+            let io = self.io.as_ref().ok_or_else(shutting_down)?;
+            let res = io.acks.call(req).await.ok_or_else(shutting_down)?;
+            match res.map_err(|e| OutboxError::Db(sea_orm::DbErr::Custom(e)))? {
+                Some(written) => {
+                    new_until = written;
+                    true
+                }
+                None => false,
+            }
+        } else if a.dead.is_empty() {
             // One statement, one round trip.
             let _gate = db.write_gate().await;
-            write_cursor(&db.conn, self, st.processed, &a, Some((me, new_until))).await?
+            write_cursor(
+                &db.conn,
+                self,
+                st.processed,
+                &a,
+                Some((me, new_until)),
+                true,
+            )
+            .await?
         } else {
             let w = db.begin_bookkeeping().await?;
             insert_dead_letters(&w.txn, self, &a.dead).await?;
-            let ok = write_cursor(&w.txn, self, st.processed, &a, Some((me, new_until))).await?;
+            let ok =
+                write_cursor(&w.txn, self, st.processed, &a, Some((me, new_until)), false).await?;
             if ok {
                 w.commit().await?;
             } else {
@@ -578,10 +639,7 @@ impl Partition {
         }
         self.lease_expires = new_until;
         self.after_ack(&a, &msgs);
-        Ok(match a.retry_at {
-            Some(t) => at(t, false),
-            None => Step::More,
-        })
+        Ok(next_after_ack(&a, st.high))
     }
 
     /// Runs the handler while renewing the lease; `None` when the lease was lost or could not be
@@ -685,16 +743,19 @@ impl Partition {
             return Ok(at(Utc::now() + chrono::Duration::milliseconds(100), false));
         }
         insert_dead_letters(&w.txn, self, &a.dead).await?;
-        if !write_cursor(&w.txn, self, processed, &a, None).await? {
+        if !write_cursor(&w.txn, self, processed, &a, None, false).await? {
             w.rollback().await?;
             return Ok(Step::More);
         }
         w.commit().await?;
         self.after_ack(&a, &msgs);
-        Ok(match a.retry_at {
-            Some(t) => at(t, false),
-            None => Step::More,
-        })
+        // Fewer than a full batch: the partition was drained when it was read.
+        let high = if msgs.len() < self.queue.batch_size {
+            msgs.last().map_or(processed, |m| m.seq)
+        } else {
+            i64::MAX
+        };
+        Ok(next_after_ack(&a, high))
     }
 
     fn after_ack(&self, a: &Applied<'_>, msgs: &[Message]) {
