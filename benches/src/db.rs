@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, TransactionTrait,
+};
 
 /// Where a run's data lives; keeps the SQLite temp dir alive.
 pub struct Target {
@@ -12,13 +14,22 @@ pub struct Target {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// A pool of `max` connections, all opened before it is returned: a long-running service has a
+/// warm pool, and connection setup (TLS handshake, authentication) stalling a statement in the
+/// first second of a run is not what the harness measures.
 pub async fn connect(url: &str, max: u32) -> Result<DatabaseConnection, sea_orm::DbErr> {
     let mut o = ConnectOptions::new(url.to_owned());
     o.max_connections(max)
-        .min_connections(0)
+        .min_connections(max)
         .acquire_timeout(Duration::from_secs(60))
         .sqlx_logging(false);
-    Database::connect(o).await
+    let db = Database::connect(o).await?;
+    // Each open transaction holds its own connection: `max` of them at once open every one.
+    let txns = futures::future::try_join_all((0..max).map(|_| db.begin())).await?;
+    for t in txns {
+        t.rollback().await?;
+    }
+    Ok(db)
 }
 
 /// Prepares an empty database for `url` (`sqlite` alone means a temporary file).

@@ -137,9 +137,15 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
         ..OutboxConfig::default()
     };
     let mut handles = Vec::new();
+    let mut shared = None;
     for _ in 0..args.instances {
-        // The engine's own pool: reads run in parallel, its writes are serialized on SQLite.
-        let conn = connect(&target.url, if b == DbBackend::Sqlite { 4 } else { 10 }).await?;
+        // The engine's own pool. SQLite has one writer: the engine and the producers share one
+        // connection, as an embedding application should (two writers only trade the lock
+        // through SQLite's sleeping busy handler: latency in the hundreds of milliseconds).
+        let conn = connect(&target.url, if b == DbBackend::Sqlite { 1 } else { 10 }).await?;
+        if b == DbBackend::Sqlite && shared.is_none() {
+            shared = Some(conn.clone());
+        }
         let mut builder = Outbox::builder(conn).config(config.clone());
         for q in 0..args.queues {
             let qb = builder.queue(format!("bench{q}"), Partitions::of(args.partitions));
@@ -158,7 +164,10 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
         handles.push(builder.start().await?);
     }
     let outbox = handles[0].outbox();
-    let producers = connect(&target.url, pool_size(b, args.producers as u32)).await?;
+    let producers = match shared {
+        Some(c) => c,
+        None => connect(&target.url, pool_size(b, args.producers as u32)).await?,
+    };
     let per = (args.messages / args.producers) as u32;
     let total = per as usize * args.producers;
     let commits: Arc<Mutex<HashMap<i64, Instant>>> =
