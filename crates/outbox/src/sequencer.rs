@@ -4,7 +4,7 @@
 //! One pass, whatever the number of partitions, is one transaction of a handful of statements:
 //! 1. find partitions with incoming rows (plain read);
 //! 2. lock their `partitions` rows with `SKIP LOCKED` (PostgreSQL `FOR NO KEY UPDATE`, which
-//!    producers' foreign-key checks do not conflict with; MySQL `FOR UPDATE` under READ
+//!    the key-share locks of foreign-key checks do not conflict with; MySQL `FOR UPDATE` under READ
 //!    COMMITTED; SQLite's `BEGIN IMMEDIATE` already excludes other writers). Only the partitions
 //!    this pass works on are locked, and the locks are on `partitions` rows, never on the
 //!    incoming rows of other partitions;

@@ -1,4 +1,6 @@
-//! The initial outbox schema: seven tables, their indexes and foreign keys.
+//! The initial outbox schema: seven tables, their indexes and foreign keys (none on the hot-path
+//! tables `incoming` and `outgoing`: each would cost a locking lookup per message; see
+//! docs/SCHEMA.md).
 //!
 //! Each backend gets its own DDL (identity columns, blob and time types differ too much for one
 //! portable definition to stay readable). Every statement is idempotent, so `up` recovers from a

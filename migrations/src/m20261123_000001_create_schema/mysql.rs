@@ -3,11 +3,11 @@
 //! atomically: after a crash a table exists with all its indexes or not at all.
 //! Times are `TIMESTAMP(6)` in UTC (sqlx sets the session time zone to `+00:00`).
 //!
-//! One deliberate difference: `incoming.partition_id` has no foreign key here. An InnoDB foreign
-//! key check takes a shared lock on the parent `partitions` row until the producer commits, and
-//! the sequencer must lock that same row exclusively to advance the partition's sequence, so
-//! every open producer transaction would hold the sequencer off its partition (and `SKIP LOCKED`
-//! would skip it). The engine only writes partition ids it registered itself.
+//! As on every backend, `incoming` and `outgoing` have no foreign keys (docs/SCHEMA.md). Here it
+//! matters twice: an InnoDB check takes a shared lock on the parent `partitions` row until the
+//! producer commits, and the sequencer must lock that row exclusively (with `SKIP LOCKED`) to
+//! advance the partition's sequence, so every open producer transaction would hold the
+//! sequencer off its partition.
 
 pub(super) const UP: &[&str] = &[
     r#"CREATE TABLE IF NOT EXISTS modkit_outbox_body (
@@ -30,9 +30,7 @@ pub(super) const UP: &[&str] = &[
         partition_id BIGINT NOT NULL,
         body_id BIGINT NOT NULL,
         KEY modkit_outbox_incoming_partition_idx (partition_id, id),
-        KEY modkit_outbox_incoming_body_idx (body_id),
-        CONSTRAINT modkit_outbox_incoming_body_fk FOREIGN KEY (body_id)
-            REFERENCES modkit_outbox_body (id)
+        KEY modkit_outbox_incoming_body_idx (body_id)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"#,
     r#"CREATE TABLE IF NOT EXISTS modkit_outbox_outgoing (
         id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
@@ -41,11 +39,7 @@ pub(super) const UP: &[&str] = &[
         seq BIGINT NOT NULL,
         sequenced_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
         UNIQUE KEY modkit_outbox_outgoing_partition_seq_uq (partition_id, seq),
-        KEY modkit_outbox_outgoing_body_idx (body_id),
-        CONSTRAINT modkit_outbox_outgoing_partition_fk FOREIGN KEY (partition_id)
-            REFERENCES modkit_outbox_partitions (id),
-        CONSTRAINT modkit_outbox_outgoing_body_fk FOREIGN KEY (body_id)
-            REFERENCES modkit_outbox_body (id)
+        KEY modkit_outbox_outgoing_body_idx (body_id)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"#,
     r#"CREATE TABLE IF NOT EXISTS modkit_outbox_dead_letters (
         id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,

@@ -20,8 +20,8 @@ pub(super) const UP: &[&str] = &[
     )"#,
     r#"CREATE TABLE IF NOT EXISTS modkit_outbox_incoming (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
-        partition_id BIGINT NOT NULL REFERENCES modkit_outbox_partitions (id),
-        body_id BIGINT NOT NULL REFERENCES modkit_outbox_body (id)
+        partition_id BIGINT NOT NULL,
+        body_id BIGINT NOT NULL
     )"#,
     r#"CREATE INDEX IF NOT EXISTS modkit_outbox_incoming_partition_idx
         ON modkit_outbox_incoming (partition_id, id)"#,
@@ -29,8 +29,8 @@ pub(super) const UP: &[&str] = &[
         ON modkit_outbox_incoming (body_id)"#,
     r#"CREATE TABLE IF NOT EXISTS modkit_outbox_outgoing (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
-        partition_id BIGINT NOT NULL REFERENCES modkit_outbox_partitions (id),
-        body_id BIGINT NOT NULL REFERENCES modkit_outbox_body (id),
+        partition_id BIGINT NOT NULL,
+        body_id BIGINT NOT NULL,
         seq BIGINT NOT NULL,
         sequenced_at TEXT NOT NULL,
         CONSTRAINT modkit_outbox_outgoing_partition_seq_uq UNIQUE (partition_id, seq)
