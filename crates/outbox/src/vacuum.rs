@@ -5,12 +5,15 @@
 //! `seq <= counter` is gone. A partition needs work when `processor.processed_seq > counter`, so
 //! finding work is one indexed join and idle partitions cost nothing.
 //!
-//! Each chunk is one transaction: lock the partition's `vacuum_counter` row (`SKIP LOCKED`, so
-//! two instances never vacuum one partition at once), read the next `vacuum_chunk` processed
-//! rows, delete them by `(partition_id, seq)` range, delete their bodies by primary key (never a
-//! `DELETE … IN (SELECT … same table)`, which MySQL rejects), advance the watermark. Processors
-//! wake the vacuum after every ack, so tables stay small under sustained load.
+//! Each chunk is one transaction over up to 64 partitions: lock their `vacuum_counter` rows
+//! (`SKIP LOCKED`, so two instances never vacuum one partition at once), read up to
+//! `vacuum_chunk` processed rows in all (oldest first per partition), delete them by
+//! `(partition_id, seq)` ranges, delete their bodies by primary key (never a
+//! `DELETE … IN (SELECT … same table)`, which MySQL rejects), advance the watermarks. A run
+//! costs the same handful of statements for one partition or sixty-four. Processors wake the
+//! vacuum after every ack (at most every 200 ms), so tables stay small under sustained load.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +27,8 @@ use crate::outbox::Inner;
 
 /// Shortest pause between two vacuum runs triggered by acks (batches the work).
 const MIN_PAUSE: Duration = Duration::from_millis(200);
+/// Partitions one vacuum transaction works on (bounds every statement's bind parameters).
+const PARTITIONS_PER_CHUNK: usize = 64;
 
 /// Vacuums every partition that has processed rows left. Returns the rows deleted.
 pub(crate) async fn run_once(inner: &Inner) -> Result<u64> {
@@ -33,70 +38,119 @@ pub(crate) async fn run_once(inner: &Inner) -> Result<u64> {
             "SELECT pr.partition_id, pr.processed_seq, vc.counter \
              FROM modkit_outbox_processor pr \
              JOIN modkit_outbox_vacuum_counter vc ON vc.partition_id = pr.partition_id \
-             WHERE pr.processed_seq > vc.counter",
+             WHERE pr.processed_seq > vc.counter ORDER BY pr.partition_id",
             vec![],
         )
         .await?;
+    let work: Vec<(i64, i64)> = rows
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get("", "partition_id")?,
+                r.try_get("", "processed_seq")?,
+            ))
+        })
+        .collect::<std::result::Result<_, sea_orm::DbErr>>()?;
     let mut total = 0;
-    for r in &rows {
-        let pid: i64 = r.try_get("", "partition_id")?;
-        let processed: i64 = r.try_get("", "processed_seq")?;
-        loop {
-            let n = vacuum_chunk(inner, pid, processed).await?;
+    for group in work.chunks(PARTITIONS_PER_CHUNK) {
+        let mut pending = group.to_vec();
+        while !pending.is_empty() {
+            let (n, unfinished) = vacuum_chunk(inner, &pending).await?;
             total += n;
-            if n == 0 {
-                break;
-            }
+            pending = unfinished;
         }
     }
     Ok(total)
 }
 
-/// One chunk of one partition. Returns the outgoing rows deleted (0: done or locked elsewhere).
-async fn vacuum_chunk(inner: &Inner, pid: i64, processed: i64) -> Result<u64> {
+/// One transaction over several partitions (`(partition id, processed_seq)`): at most
+/// `vacuum_chunk` outgoing rows in all. Returns the outgoing rows deleted and the partitions
+/// that still have processed rows left after it. Partitions locked by another instance's
+/// vacuum are skipped (that vacuum does them).
+async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(i64, i64)>)> {
     let db = &inner.db;
     let d = db.dialect;
     let w = db.begin_bookkeeping().await?;
     let t = &w.txn;
     let lock = format!(
-        "SELECT counter FROM modkit_outbox_vacuum_counter WHERE partition_id = ?{}",
+        "SELECT partition_id, counter FROM modkit_outbox_vacuum_counter \
+         WHERE partition_id IN ({}) ORDER BY partition_id{}",
+        placeholders(parts.len()),
         d.lock_skip_locked()
     );
-    let rows = query_all(t, d, &lock, vec![Value::from(pid)]).await?;
-    let Some(counter) = rows
-        .first()
-        .map(|r| r.try_get::<i64>("", "counter"))
-        .transpose()?
-    else {
-        w.rollback().await?;
-        return Ok(0);
-    };
-    if counter >= processed {
-        w.rollback().await?;
-        return Ok(0);
-    }
-    let rows = query_all(
+    let locked: HashMap<i64, i64> = query_all(
         t,
         d,
-        "SELECT seq, body_id FROM modkit_outbox_outgoing \
-         WHERE partition_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-        vec![
-            Value::from(pid),
-            Value::from(counter),
-            Value::from(processed),
-            Value::from(inner.config.vacuum_chunk as u64),
-        ],
+        &lock,
+        parts.iter().map(|(p, _)| Value::from(*p)).collect(),
     )
-    .await?;
-    let mut bodies = Vec::with_capacity(rows.len());
-    let mut high = counter;
-    for r in &rows {
-        high = high.max(r.try_get::<i64>("", "seq")?);
-        bodies.push(r.try_get::<i64>("", "body_id")?);
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get("", "partition_id")?, r.try_get("", "counter")?)))
+    .collect::<std::result::Result<_, sea_orm::DbErr>>()?;
+    // (partition, counter, processed) of the partitions this transaction works on.
+    let todo: Vec<(i64, i64, i64)> = parts
+        .iter()
+        .filter_map(|(p, processed)| {
+            locked
+                .get(p)
+                .filter(|counter| **counter < *processed)
+                .map(|counter| (*p, *counter, *processed))
+        })
+        .collect();
+    if todo.is_empty() {
+        w.rollback().await?;
+        return Ok((0, Vec::new()));
     }
-    if rows.len() < inner.config.vacuum_chunk {
-        // Everything up to the cursor is covered (rows may be missing if deleted by hand).
-        high = processed;
+    // Oldest processed rows first, per partition, in one statement.
+    let limit = inner.config.vacuum_chunk.div_ceil(todo.len()).max(1);
+    let read = (0..todo.len())
+        .map(|i| {
+            format!(
+                "SELECT * FROM (SELECT partition_id, seq, body_id FROM modkit_outbox_outgoing \
+                 WHERE partition_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?) t{i}"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let mut args = Vec::with_capacity(4 * todo.len());
+    for (p, counter, processed) in &todo {
+        args.extend([
+            Value::from(*p),
+            Value::from(*counter),
+            Value::from(*processed),
+            Value::from(limit as u64),
+        ]);
+    }
+    let mut read_per: HashMap<i64, (usize, i64)> = HashMap::new();
+    let mut bodies = Vec::new();
+    for r in query_all(t, d, &read, args).await? {
+        let p: i64 = r.try_get("", "partition_id")?;
+        let seq: i64 = r.try_get("", "seq")?;
+        bodies.push(r.try_get::<i64>("", "body_id")?);
+        let e = read_per.entry(p).or_insert((0, i64::MIN));
+        e.0 += 1;
+        e.1 = e.1.max(seq);
+    }
+    // The new watermark of each partition: the last row read, or the cursor itself when fewer
+    // rows than the limit came back (everything up to it is covered; rows may be missing if
+    // deleted by hand).
+    let mut marks: Vec<(i64, i64, i64)> = Vec::with_capacity(todo.len());
+    let mut unfinished = Vec::new();
+    for (p, counter, processed) in &todo {
+        let high = match read_per.get(p) {
+            Some((n, last)) if *n >= limit => {
+                unfinished.push((*p, *processed));
+                *last
+            }
+            _ => *processed,
+        };
+        marks.push((*p, *counter, high));
+    }
+    let ranges = vec!["(partition_id = ? AND seq > ? AND seq <= ?)"; marks.len()].join(" OR ");
+    let mut args = Vec::with_capacity(3 * marks.len());
+    for (p, counter, high) in &marks {
+        args.extend([Value::from(*p), Value::from(*counter), Value::from(*high)]);
     }
     let deleted = execute(
         t,
@@ -104,9 +158,9 @@ async fn vacuum_chunk(inner: &Inner, pid: i64, processed: i64) -> Result<u64> {
         &d.delete_using(
             "modkit_outbox_outgoing",
             "modkit_outbox_outgoing_partition_seq_uq",
-            "partition_id = ? AND seq > ? AND seq <= ?",
+            &ranges,
         ),
-        vec![Value::from(pid), Value::from(counter), Value::from(high)],
+        args,
     )
     .await?;
     for chunk in bodies.chunks(MAX_IN_LIST) {
@@ -117,16 +171,26 @@ async fn vacuum_chunk(inner: &Inner, pid: i64, processed: i64) -> Result<u64> {
         );
         execute(t, d, &sql, chunk.iter().map(|b| Value::from(*b)).collect()).await?;
     }
+    let case = vec!["WHEN ? THEN ?"; marks.len()].join(" ");
+    let mut args = Vec::with_capacity(3 * marks.len());
+    for (p, _, high) in &marks {
+        args.extend([Value::from(*p), Value::from(*high)]);
+    }
+    args.extend(marks.iter().map(|(p, _, _)| Value::from(*p)));
     execute(
         t,
         d,
-        "UPDATE modkit_outbox_vacuum_counter SET counter = ? WHERE partition_id = ?",
-        vec![Value::from(high), Value::from(pid)],
+        &format!(
+            "UPDATE modkit_outbox_vacuum_counter SET counter = CASE partition_id {case} END \
+             WHERE partition_id IN ({})",
+            placeholders(marks.len())
+        ),
+        args,
     )
     .await?;
     w.commit().await?;
-    tracing::debug!(partition_id = pid, deleted, watermark = high, "vacuumed");
-    Ok(deleted.max(u64::from(high > counter)))
+    tracing::debug!(partitions = marks.len(), deleted, "vacuumed");
+    Ok((deleted, unfinished))
 }
 
 /// Deletes bodies that no incoming or outgoing row references and that are older than
