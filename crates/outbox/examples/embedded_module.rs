@@ -208,7 +208,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tmp.path().join("module.sqlite").display()
         )
     });
-    let db = sea_orm::Database::connect(&url).await?;
+    let mut opts = sea_orm::ConnectOptions::new(url.clone());
+    if url.starts_with("sqlite:") {
+        // SQLite has one writer: the module's writes and the outbox share one connection.
+        opts.max_connections(1);
+    }
+    let db = sea_orm::Database::connect(opts).await?;
     let mut module = OrdersModule::init(db.clone()).await?;
     let cancel = CancellationToken::new();
     let stopped = module.start(cancel.clone()).await?;

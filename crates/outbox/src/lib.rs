@@ -14,10 +14,13 @@
 //!
 //! ```no_run
 //! use modkit_outbox::{Message, Outbox, Outcome, Partitions, HandlerResult};
-//! use sea_orm::{Database, TransactionTrait};
+//! use sea_orm::{ConnectOptions, Database, TransactionTrait};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let db = Database::connect("sqlite://outbox.sqlite?mode=rwc").await?;
+//! // SQLite has one writer: the outbox and your writes share one connection.
+//! let mut opts = ConnectOptions::new("sqlite://outbox.sqlite?mode=rwc");
+//! opts.max_connections(1);
+//! let db = Database::connect(opts).await?;
 //! // (run modkit_outbox_migration::Migrator::up(&db, None) first)
 //! let handle = Outbox::builder(db.clone())
 //!     .queue("orders", Partitions::of(8))
