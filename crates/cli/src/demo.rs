@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::output::out;
+
 use modkit_outbox::{
     HandlerResult, Message, NewMessage, Outbox, OutboxConfig, Outcome, Partitions,
 };
@@ -23,11 +25,11 @@ async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> Result<i64, sea_
 
 /// Runs the demo against `url`.
 pub async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
-    println!("modkit-outbox demo on {url}");
+    out!("modkit-outbox demo on {url}");
 
     let db = Database::connect(url).await?;
     Migrator::up(&db, None).await?;
-    println!("1. migrated the outbox schema (7 modkit_outbox_ tables)");
+    out!("1. migrated the outbox schema (7 modkit_outbox_ tables)");
     db.execute_unprepared(
         "CREATE TABLE IF NOT EXISTS demo_orders (id BIGINT NOT NULL, amount BIGINT NOT NULL)",
     )
@@ -65,7 +67,7 @@ pub async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         })
         .start()
         .await?;
-    println!("2. started the engine: queue `orders`, 4 partitions, leased handler");
+    out!("2. started the engine: queue `orders`, 4 partitions, leased handler");
 
     let outbox = handle.outbox();
     let orders: [(i64, i64); 6] = [(1, 30), (2, 12), (3, -5), (4, 99), (5, 7), (6, 41)];
@@ -97,19 +99,19 @@ pub async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         .enqueue(&txn, "orders", 0, "{\"order\":99}", "order.created")
         .await?;
     txn.rollback().await?;
-    println!("3. enqueued 6 orders in 2 committed transactions, 1 more in a rolled-back one");
+    out!("3. enqueued 6 orders in 2 committed transactions, 1 more in a rolled-back one");
 
     let mut seen = 0;
     while seen < 6 {
         match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
             Ok(Some(line)) => {
-                println!("{line}");
+                out!("{line}");
                 seen += 1;
             }
             _ => return Err("timed out waiting for deliveries".into()),
         }
     }
-    println!(
+    out!(
         "4. every committed order was delivered, in order per partition; the rolled-back one never was"
     );
 
@@ -124,14 +126,14 @@ pub async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     }
     let dead =
         scalar(&db, "SELECT COUNT(*) AS n FROM modkit_outbox_dead_letters").await? - dead_before;
-    println!("5. dead letters added by this run: {dead} (the negative amount)");
-    println!(
+    out!("5. dead letters added by this run: {dead} (the negative amount)");
+    out!(
         "6. vacuum: outgoing={} body={} incoming={} rows left",
         scalar(&db, "SELECT COUNT(*) AS n FROM modkit_outbox_outgoing").await?,
         scalar(&db, "SELECT COUNT(*) AS n FROM modkit_outbox_body").await?,
         scalar(&db, "SELECT COUNT(*) AS n FROM modkit_outbox_incoming").await?,
     );
     handle.stop().await;
-    println!("7. stopped gracefully (leases released)");
+    out!("7. stopped gracefully (leases released)");
     Ok(())
 }

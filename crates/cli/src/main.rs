@@ -8,12 +8,13 @@
 //! outbox dead-letters replay --queue orders --yes
 //! outbox dead-letters purge --older-than 7d --yes
 //! ```
-#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod demo;
 mod output;
 
 use std::io::IsTerminal;
+
+use crate::output::{err, out};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -260,7 +261,11 @@ fn confirm(yes: bool, what: &str) -> Result<(), Failure> {
             format!("refusing to {what} without --yes (stdin is not a terminal)"),
         ));
     }
-    eprint!("{what}? [y/N] ");
+    {
+        use std::io::Write as _;
+        let mut e = std::io::stderr().lock();
+        let _ = write!(e, "{what}? [y/N] ").and_then(|()| e.flush());
+    }
     let mut line = String::new();
     std::io::stdin()
         .read_line(&mut line)
@@ -285,7 +290,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("outbox: {}", f.message);
+            err!("outbox: {}", f.message);
             ExitCode::from(f.code)
         }
     }
@@ -308,7 +313,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     output::json(&stats);
                 } else {
                     if watch && std::io::stdout().is_terminal() {
-                        print!("\x1b[2J\x1b[H");
+                        // Clear the terminal; the table that follows ends the line.
+                        use std::io::Write as _;
+                        if let Err(e) = write!(std::io::stdout().lock(), "\x1b[2J\x1b[H") {
+                            output::stdout_failed(e);
+                        }
                     }
                     output::stats_table(&stats);
                 }
@@ -328,7 +337,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 Some(t) => Some(t),
                 None if !no_auth && !bind.ip().is_loopback() => {
                     let t = uuid::Uuid::new_v4().simple().to_string();
-                    eprintln!("outbox: listening beyond loopback; bearer token: {t}");
+                    err!("outbox: listening beyond loopback; bearer token: {t}");
                     Some(t)
                 }
                 None => None,
@@ -342,7 +351,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let listener = tokio::net::TcpListener::bind(bind)
                 .await
                 .map_err(|e| fail(exit::ERROR, format!("cannot listen on {bind}: {e}")))?;
-            eprintln!("outbox: admin API on http://{bind} (GET /openapi.json)");
+            err!("outbox: admin API on http://{bind} (GET /openapi.json)");
             axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = tokio::signal::ctrl_c().await;
@@ -389,10 +398,10 @@ async fn migrate(
         output::json(&serde_json::json!({ "applied": applied, "pending": pending }));
     } else {
         for m in &applied {
-            println!("applied  {m}");
+            out!("applied  {m}");
         }
         for m in &pending {
-            println!("pending  {m}");
+            out!("pending  {m}");
         }
     }
     Ok(())
@@ -500,7 +509,7 @@ fn report(json: bool, what: &str, n: u64) -> Result<(), Failure> {
     if json {
         output::json(&serde_json::json!({ what: n }));
     } else {
-        println!("{what} {n} dead letter(s)");
+        out!("{what} {n} dead letter(s)");
     }
     Ok(())
 }

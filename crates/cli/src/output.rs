@@ -1,4 +1,36 @@
-//! Human-readable tables, JSON and progress bars.
+//! Human-readable tables, JSON and progress bars, and the printing macros every command uses:
+//! [`out!`] and [`err!`] never panic on a closed pipe (`outbox dead-letters list | head` would
+//! otherwise end in a `println!` panic).
+
+/// `println!` without the panic: on a closed stdout (`| head`) the process ends quietly with
+/// status 0, as the reader wanted no more; another write error ends it with status 1.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            $crate::output::stdout_failed(e);
+        }
+    }};
+}
+
+/// `eprintln!` without the panic: a closed stderr loses the line, nothing else.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+pub(crate) use {err, out};
+
+/// Ends the process after stdout could not be written.
+pub fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    err!("outbox: cannot write to stdout: {e}");
+    std::process::exit(1);
+}
 
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -7,8 +39,8 @@ use serde::Serialize;
 
 pub fn json<T: Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("outbox: cannot encode JSON: {e}"),
+        Ok(s) => out!("{s}"),
+        Err(e) => err!("outbox: cannot encode JSON: {e}"),
     }
 }
 
@@ -67,13 +99,13 @@ pub fn stats_table(s: &OutboxStats) {
             retry,
         ]);
     }
-    println!("{t}");
+    out!("{t}");
     let dead: Vec<String> = s
         .dead_letters
         .iter()
         .map(|c| format!("{}={}", c.status, c.count))
         .collect();
-    println!(
+    out!(
         "backlog {} · dead letters: {} · at {}",
         s.backlog(),
         dead.join(" "),
@@ -112,10 +144,10 @@ pub fn dead_letter_table(page: &DeadLetterPage) {
             d.last_error.clone().unwrap_or_default(),
         ]);
     }
-    println!("{t}");
+    out!("{t}");
     match page.next_cursor {
-        Some(c) => println!("more: --before {c}"),
-        None => println!("{} shown, no more", page.items.len()),
+        Some(c) => out!("more: --before {c}"),
+        None => out!("{} shown, no more", page.items.len()),
     }
 }
 
@@ -155,7 +187,7 @@ pub fn dead_letter_detail(d: &DeadLetter) {
     for (k, v) in rows {
         t.add_row(vec![k.to_owned(), v]);
     }
-    println!("{t}");
+    out!("{t}");
 }
 
 /// A progress bar on a terminal, nothing otherwise (or with --json).

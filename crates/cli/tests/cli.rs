@@ -309,7 +309,51 @@ async fn cli_stats_watch_refreshes(db: TestDb) {
     assert_eq!(snapshots, 3, "{:?}: --watch keeps refreshing", db.backend);
 }
 
+/// A reader that stops early (`outbox … | head`) ends the command quietly: no panic, status 0.
+async fn cli_closed_stdout_ends_quietly(db: TestDb) {
+    ok(&db, &["migrate", "up"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["--json", "stats", "--watch", "--interval", "50ms"])
+        .env("DATABASE_URL", &db.url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
+    let _ = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        // Read the first snapshot's first line, then hang up.
+        let mut first = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut first);
+        first
+    })
+    .await
+    .expect("reader");
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(s) = child.try_wait().expect("wait") {
+                return Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    })
+    .await
+    .expect("waiter");
+    let mut text = String::new();
+    let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+    let status = status.expect("outbox kept running after its reader hung up");
+    assert!(!text.contains("panicked"), "{:?}: {text}", db.backend);
+    assert_eq!(status.code(), Some(0), "{:?}: {text}", db.backend);
+}
+
 backend_tests!(
+    cli_closed_stdout_ends_quietly,
     cli_stats_watch_refreshes,
     cli_end_to_end,
     cli_reports_unreachable_database,
