@@ -10,7 +10,7 @@ use modkit_outbox::{
     HandlerResult, Message, NewMessage, Outbox, OutboxConfig, Outcome, Partitions,
 };
 use modkit_outbox_migration::Migrator;
-use sea_orm::{ConnectionTrait, Database, Statement, TransactionTrait};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, Statement, TransactionTrait};
 use sea_orm_migration::MigratorTrait;
 
 async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> Result<i64, sea_orm::DbErr> {
@@ -27,7 +27,12 @@ async fn scalar(db: &sea_orm::DatabaseConnection, sql: &str) -> Result<i64, sea_
 pub async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     out!("modkit-outbox demo on {url}");
 
-    let db = Database::connect(url).await?;
+    let mut opts = ConnectOptions::new(url.to_owned());
+    if url.starts_with("sqlite:") {
+        // SQLite has one writer: the demo's writes and the engine share one connection.
+        opts.max_connections(1);
+    }
+    let db = Database::connect(opts).await?;
     Migrator::up(&db, None).await?;
     out!("1. migrated the outbox schema (7 modkit_outbox_ tables)");
     db.execute_unprepared(
