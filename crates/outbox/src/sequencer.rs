@@ -225,10 +225,7 @@ async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
         ))));
     }
 
-    let touched: Vec<i64> = new_seq.iter().map(|(p, _)| *p).collect();
-    if d == Dialect::Postgres {
-        postgres::notify_sequenced(t, &touched, &inner.instance_id).await?;
-    }
+    // (PostgreSQL never gets here: its pass is one statement, notifications included.)
     w.commit().await?;
 
     for (pid, s) in &new_seq {
@@ -237,7 +234,7 @@ async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
     }
     tracing::debug!(
         moved = incoming_ids.len(),
-        partitions = touched.len(),
+        partitions = new_seq.len(),
         "sequencer pass"
     );
     Ok(PassResult {

@@ -4,11 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sea_orm::DatabaseConnection;
 use sea_orm::sqlx::postgres::PgListener;
-use sea_orm::{ConnectionTrait, DatabaseConnection, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::Dialect;
 use crate::signals::Signals;
 
 /// Notification channel shared by all instances on one database.
@@ -126,37 +125,6 @@ pub(crate) const ASYNC_COMMIT_CONDITION: &str =
 
 /// Notifies every instance that incoming rows were committed (sent on commit).
 pub(crate) const NOTIFY_INCOMING: &str = "SELECT pg_notify('modkit_outbox', 'i')";
-
-/// Notifies processors of the given partition ids (sent on commit).
-pub(crate) async fn notify_sequenced<C: ConnectionTrait>(
-    c: &C,
-    partition_ids: &[i64],
-    instance: &str,
-) -> Result<(), sea_orm::DbErr> {
-    if partition_ids.is_empty() {
-        return Ok(());
-    }
-    let payload = partition_ids
-        .iter()
-        .map(|p| format!("{SEQUENCED_PREFIX}{p}:{instance}"))
-        .collect::<Vec<_>>();
-    let sql = format!(
-        "SELECT pg_notify('{CHANNEL}', x) FROM (VALUES {}) AS v(x)",
-        super::placeholders(payload.len())
-            .split(", ")
-            .map(|p| format!("({p})"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    super::query_all(
-        c,
-        Dialect::Postgres,
-        &sql,
-        payload.into_iter().map(Value::from).collect(),
-    )
-    .await
-    .map(|_| ())
-}
 
 /// Listens on [`CHANNEL`] until cancelled, reconnecting with backoff. After every (re)connect it
 /// asks for a reconcile, since notifications sent while disconnected are lost.
