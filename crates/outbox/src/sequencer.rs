@@ -29,7 +29,9 @@ use sea_orm::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::postgres::PassCandidates;
-use crate::backend::{Dialect, MAX_IN_LIST, execute, placeholders, postgres, query_all};
+use crate::backend::{
+    Dialect, MAX_IN_LIST, execute, placeholders, postgres, query_all, update_per_key,
+};
 use crate::error::{OutboxError, Result};
 use crate::outbox::Inner;
 use crate::signals::{PENDING_COMMIT_WINDOW, SequencerAlive};
@@ -188,24 +190,7 @@ async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
         execute(t, d, &sql, args).await?;
     }
 
-    let case = new_seq
-        .iter()
-        .map(|_| "WHEN ? THEN ?")
-        .collect::<Vec<_>>()
-        .join(" ");
-    let sql = format!(
-        "UPDATE modkit_outbox_partitions SET {seq} = CASE id {case} END WHERE id IN ({})",
-        placeholders(new_seq.len()),
-        seq = d.q("sequence"),
-    );
-    let mut args = Vec::with_capacity(3 * new_seq.len());
-    for (pid, s) in &new_seq {
-        args.push(Value::from(*pid));
-        args.push(Value::from(*s));
-    }
-    for (pid, _) in &new_seq {
-        args.push(Value::from(*pid));
-    }
+    let (sql, args) = update_per_key("modkit_outbox_partitions", "id", &d.q("sequence"), &new_seq);
     execute(t, d, &sql, args).await?;
 
     let mut deleted = 0;

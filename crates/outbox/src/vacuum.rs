@@ -21,7 +21,7 @@ use sea_orm::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{MAX_IN_LIST, execute, placeholders, query_all};
+use crate::backend::{MAX_IN_LIST, execute, placeholders, query_all, update_per_key};
 use crate::error::Result;
 use crate::outbox::Inner;
 
@@ -171,23 +171,14 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
         );
         execute(t, d, &sql, chunk.iter().map(|b| Value::from(*b)).collect()).await?;
     }
-    let case = vec!["WHEN ? THEN ?"; marks.len()].join(" ");
-    let mut args = Vec::with_capacity(3 * marks.len());
-    for (p, _, high) in &marks {
-        args.extend([Value::from(*p), Value::from(*high)]);
-    }
-    args.extend(marks.iter().map(|(p, _, _)| Value::from(*p)));
-    execute(
-        t,
-        d,
-        &format!(
-            "UPDATE modkit_outbox_vacuum_counter SET counter = CASE partition_id {case} END \
-             WHERE partition_id IN ({})",
-            placeholders(marks.len())
-        ),
-        args,
-    )
-    .await?;
+    let watermarks: Vec<(i64, i64)> = marks.iter().map(|(p, _, high)| (*p, *high)).collect();
+    let (sql, args) = update_per_key(
+        "modkit_outbox_vacuum_counter",
+        "partition_id",
+        "counter",
+        &watermarks,
+    );
+    execute(t, d, &sql, args).await?;
     w.commit().await?;
     tracing::debug!(partitions = marks.len(), deleted, "vacuumed");
     Ok((deleted, unfinished))

@@ -147,6 +147,27 @@ pub(crate) fn placeholders(n: usize) -> String {
     s
 }
 
+/// `UPDATE table SET column = CASE key WHEN ? THEN ? … END WHERE key IN (…)`: a different value
+/// per key in one statement (keys and values are the `(key, value)` pairs, in order).
+pub(crate) fn update_per_key(
+    table: &str,
+    key: &str,
+    column: &str,
+    pairs: &[(i64, i64)],
+) -> (String, Vec<Value>) {
+    let sql = format!(
+        "UPDATE {table} SET {column} = CASE {key} {} END WHERE {key} IN ({})",
+        vec!["WHEN ? THEN ?"; pairs.len()].join(" "),
+        placeholders(pairs.len())
+    );
+    let mut args = Vec::with_capacity(3 * pairs.len());
+    for (k, v) in pairs {
+        args.extend([Value::from(*k), Value::from(*v)]);
+    }
+    args.extend(pairs.iter().map(|(k, _)| Value::from(*k)));
+    (sql, args)
+}
+
 /// Reads a time column written by [`Dialect::time`] (or by the database).
 pub(crate) fn get_time(row: &QueryResult, col: &str) -> std::result::Result<DateTime<Utc>, DbErr> {
     row.try_get::<DateTime<Utc>>("", col)

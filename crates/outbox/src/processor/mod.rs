@@ -590,7 +590,11 @@ impl Partition {
             return Ok(at(Utc::now() + chrono::Duration::milliseconds(100), false));
         }
         let mut new_until = self.lease_until();
-        let acked = if a.dead.is_empty() && a.retry_at.is_none() && self.io.is_some() {
+        let shared_ack = self
+            .io
+            .as_ref()
+            .filter(|_| a.dead.is_empty() && a.retry_at.is_none());
+        let acked = if let Some(io) = shared_ack {
             // Every message acked: one statement shared with the other partitions acking now.
             let req = coalesce::AckReq {
                 partition_id: self.id,
@@ -598,7 +602,6 @@ impl Partition {
                 to: a.processed,
                 until: new_until,
             };
-            let io = self.io.as_ref().ok_or_else(shutting_down)?;
             let res = io.acks.call(req).await.ok_or_else(shutting_down)?;
             match res.map_err(|e| OutboxError::Db(sea_orm::DbErr::Custom(e)))? {
                 Some(written) => {
