@@ -172,47 +172,8 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
     let total = per as usize * args.producers;
     let commits: Arc<Mutex<HashMap<i64, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(total)));
-
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for p in 0..args.producers as u32 {
-        let (outbox, conn, commits) = (outbox.clone(), producers.clone(), commits.clone());
-        let (batch, parts, queues, size) = (
-            args.batch as u32,
-            args.partitions,
-            args.queues,
-            args.payload_bytes,
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut k = 0u32;
-            while k < per {
-                let n = batch.min(per - k);
-                let msgs: Vec<NewMessage> = (k..k + n)
-                    .map(|i| {
-                        NewMessage::new(
-                            format!("bench{}", (p + i) % queues),
-                            (p + i) % parts,
-                            payload(p, i, size),
-                            "bench",
-                        )
-                    })
-                    .collect();
-                let txn = conn.begin().await?;
-                let ids = outbox.enqueue_batch(&txn, &msgs).await?;
-                txn.commit().await?;
-                let now = Instant::now();
-                let mut c = commits.lock().unwrap_or_else(|e| e.into_inner());
-                for id in ids {
-                    c.insert(id, now);
-                }
-                k += n;
-            }
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-        }));
-    }
-    for t in tasks {
-        t.await?.map_err(|e| e.to_string())?;
-    }
+    produce(args, &outbox, &producers, &commits).await?;
     let enqueue_secs = start.elapsed().as_secs_f64();
 
     let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
@@ -303,4 +264,80 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
         delivered: total,
         duplicates,
     })
+}
+
+/// Runs the producers: `messages / producers` each, `batch` per transaction, recording each
+/// message's commit instant.
+async fn produce(
+    args: &Args,
+    outbox: &Outbox,
+    producers: &sea_orm::DatabaseConnection,
+    commits: &Arc<Mutex<HashMap<i64, Instant>>>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let per = (args.messages / args.producers) as u32;
+    let mut tasks = Vec::new();
+    for p in 0..args.producers as u32 {
+        let (outbox, conn, commits) = (outbox.clone(), producers.clone(), commits.clone());
+        let (batch, parts, queues, size) = (
+            args.batch as u32,
+            args.partitions,
+            args.queues,
+            args.payload_bytes,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut k = 0u32;
+            while k < per {
+                let n = batch.min(per - k);
+                let msgs: Vec<NewMessage> = (k..k + n)
+                    .map(|i| {
+                        NewMessage::new(
+                            format!("bench{}", (p + i) % queues),
+                            (p + i) % parts,
+                            payload(p, i, size),
+                            "bench",
+                        )
+                    })
+                    .collect();
+                let txn = conn.begin().await?;
+                let ids = outbox.enqueue_batch(&txn, &msgs).await?;
+                txn.commit().await?;
+                let now = Instant::now();
+                let mut c = commits.lock().unwrap_or_else(|e| e.into_inner());
+                for id in ids {
+                    c.insert(id, now);
+                }
+                k += n;
+            }
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        }));
+    }
+    for t in tasks {
+        t.await?.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The producer path alone: the same producers and transactions with no engine running (a
+/// producer-only outbox), to split the engine's end-to-end rate into what the enqueue
+/// transactions cost and what the running pipeline takes from them. On PostgreSQL a
+/// producer-only process also `NOTIFY`s on each commit, which a process with a sequencer skips.
+pub async fn enqueue_only(args: &Args, target: &Target) -> Result<f64, Box<dyn std::error::Error>> {
+    let admin = connect(&target.url, 2).await?;
+    modkit_outbox_migration::Migrator::fresh(&admin).await?;
+    let conn = connect(
+        &target.url,
+        pool_size(target.backend, args.producers as u32),
+    )
+    .await?;
+    let mut builder = Outbox::builder(conn.clone());
+    for q in 0..args.queues {
+        builder = builder
+            .queue(format!("bench{q}"), Partitions::of(args.partitions))
+            .producer_only();
+    }
+    let outbox = builder.build().await?;
+    let commits = Arc::new(Mutex::new(HashMap::with_capacity(args.messages)));
+    let start = Instant::now();
+    produce(args, &outbox, &conn, &commits).await?;
+    Ok(args.messages as f64 / start.elapsed().as_secs_f64())
 }

@@ -77,6 +77,9 @@ pub struct Args {
     /// Only measure the floor.
     #[arg(long)]
     pub floor_only: bool,
+    /// Also measure the producer path alone (no engine running) and report its enqueue rate.
+    #[arg(long)]
+    pub enqueue_only: bool,
     /// Give up waiting for deliveries after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
@@ -145,6 +148,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         } else {
             Some(engine::run(&args, &target).await?)
         };
+        if args.enqueue_only {
+            let rate = engine::enqueue_only(&args, &target).await?;
+            println!(
+                "{}",
+                serde_json::json!({"kind": "enqueue_only", "backend": backend, "enqueue_msg_per_s": rate,
+                    "ratio_to_insert_floor": floor.map(|f| rate / f.insert_rows_per_s)})
+            );
+        }
         print_line(&args, &backend, "run", floor, engine.clone());
         floors.extend(floor);
         engines.extend(engine);
