@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use common::{Recorder, count, eventually, fast_config, migrate, scalar};
 use modkit_outbox::{
     HandlerResult, LeasedBatchHandler, Message, NewMessage, Outbox, OutboxConfig, Outcome,
-    Partitions, TransactionalBatchHandler,
+    Partitions, TransactionalBatchHandler, TransactionalHandler,
 };
 use modkit_outbox_tests::{Backend, TestDb, backend_tests};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement};
@@ -345,10 +345,116 @@ async fn orphaned_bodies_are_collected(db: TestDb) {
     h.stop().await;
 }
 
+/// Per-message transactional handler that writes one row per call and retries `b` once.
+#[derive(Clone, Default)]
+struct RetryBOnce {
+    calls: Arc<std::sync::Mutex<Vec<(String, u32)>>>,
+}
+
+#[async_trait]
+impl TransactionalHandler for RetryBOnce {
+    async fn handle(&self, txn: &DatabaseTransaction, msg: &Message) -> HandlerResult {
+        let name = String::from_utf8_lossy(&msg.payload).to_string();
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.clone(), msg.attempts));
+        txn.execute_raw(Statement::from_string(
+            txn.get_database_backend(),
+            format!("INSERT INTO effects (message_id) VALUES ({})", msg.id),
+        ))
+        .await?;
+        Ok(if name == "b" && msg.attempts == 1 {
+            Outcome::Retry("not yet".into())
+        } else {
+            Outcome::Ack
+        })
+    }
+}
+
+/// The fast try runs without savepoints; a non-ack rolls it back and replays one savepoint per
+/// message, without calling the failed message again (its result stands).
+async fn transactional_replay_keeps_the_failed_result(db: TestDb) {
+    migrate(&db).await;
+    db.conn
+        .execute_unprepared("CREATE TABLE effects (message_id BIGINT NOT NULL)")
+        .await
+        .expect("effects");
+    let handler = RetryBOnce::default();
+    // Enqueued before the engine starts: one pass sequences all three, one step reads them.
+    let producer = Outbox::builder(db.conn.clone())
+        .queue("tm", Partitions::of(1))
+        .producer_only()
+        .build()
+        .await
+        .expect("producer");
+    let msgs: Vec<NewMessage> = ["a", "b", "c"]
+        .iter()
+        .map(|p| NewMessage::new("tm", 0, *p, "t"))
+        .collect();
+    producer
+        .enqueue_batch(&db.conn, &msgs)
+        .await
+        .expect("enqueue");
+    let h = Outbox::builder(db.conn.clone())
+        .config(fast_config())
+        .queue("tm", Partitions::of(1))
+        .transactional(handler.clone())
+        .start()
+        .await
+        .expect("start");
+    let conn = db.conn.clone();
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let conn = conn.clone();
+            async move {
+                scalar(
+                    &conn,
+                    "SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE processed_seq = 3",
+                )
+                .await
+                    == 1
+            }
+        })
+        .await,
+        "{:?}: all three processed",
+        db.backend
+    );
+    h.stop().await;
+    let calls = handler
+        .calls
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let calls: Vec<(&str, u32)> = calls.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+    // Fast try: a, b (retry) → rolled back. Replay: a again in a savepoint, b's retry stands.
+    // After the backoff: b (attempt 2), c.
+    assert_eq!(
+        calls,
+        [("a", 1), ("b", 1), ("a", 1), ("b", 2), ("c", 1)],
+        "{:?}",
+        db.backend
+    );
+    // Exactly one committed effect per message, whatever ran twice.
+    assert_eq!(
+        scalar(&db.conn, "SELECT COUNT(*) AS n FROM effects").await,
+        3
+    );
+    assert_eq!(
+        scalar(
+            &db.conn,
+            "SELECT COUNT(DISTINCT message_id) AS n FROM effects"
+        )
+        .await,
+        3
+    );
+}
+
 backend_tests!(
     stop_hands_leases_over_at_once,
     leased_batch_handler_partial_results,
     transactional_batch_handler_replays_one_by_one,
+    transactional_replay_keeps_the_failed_result,
     handler_panic_is_retried_not_fatal,
     orphaned_bodies_are_collected,
 );

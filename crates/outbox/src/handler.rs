@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sea_orm::{DatabaseTransaction, TransactionTrait};
+use sea_orm::DatabaseTransaction;
 
 use crate::message::Message;
 
@@ -47,19 +47,25 @@ pub trait LeasedBatchHandler: Send + Sync + 'static {
 }
 
 /// Per-message handler for transactional processing: `txn` is the transaction that also advances
-/// the partition cursor, so the handler's writes commit exactly when the message is acknowledged.
-/// Each message runs inside its own savepoint: on `Retry`, `Reject` or an error the handler's
-/// writes for that message are rolled back.
+/// the partition cursor, so the handler's writes commit exactly when the message is acknowledged;
+/// on `Retry`, `Reject`, an error or a panic they are rolled back.
+///
+/// The messages of a batch first run one after another in that transaction, with no savepoint.
+/// If one of them does not ack, the transaction is rolled back and the batch replayed in a new
+/// one, each message in its own savepoint: the failed message is not called again (its result
+/// stands), but the acked messages before it are, since their first writes were rolled back.
+/// So a handler may see a message more than once; its writes commit exactly once.
 #[async_trait]
 pub trait TransactionalHandler: Send + Sync + 'static {
     /// Handles one message inside `txn`.
     async fn handle(&self, txn: &DatabaseTransaction, msg: &Message) -> HandlerResult;
 }
 
-/// Batch handler for transactional processing. The batch runs inside one savepoint; if every
-/// result is `Ack` its writes commit with the cursor. Otherwise the savepoint is rolled back and
-/// the batch is replayed one message at a time (each in its own savepoint), so acknowledged
-/// messages keep their writes exactly once and retried or rejected ones leave none.
+/// Batch handler for transactional processing. The batch runs in the transaction that moves the
+/// cursor; if every result is `Ack` its writes commit with the cursor. Otherwise that
+/// transaction is rolled back and the batch is replayed in a new one, one message at a time
+/// (each in its own savepoint), so acknowledged messages keep their writes exactly once and
+/// retried or rejected ones leave none.
 #[async_trait]
 pub trait TransactionalBatchHandler: Send + Sync + 'static {
     /// Handles consecutive messages of one partition inside `txn`.
@@ -82,11 +88,7 @@ where
 #[derive(Clone)]
 pub(crate) enum QueueHandler {
     Leased(Arc<dyn LeasedBatchHandler>),
-    /// `per_message` handlers manage their own savepoints (one per message).
-    Transactional {
-        handler: Arc<dyn TransactionalBatchHandler>,
-        per_message: bool,
-    },
+    Transactional(crate::processor::transactional::TxnHandler),
 }
 
 /// Adapts a per-message leased handler to the batch shape.
@@ -113,46 +115,3 @@ impl<H: LeasedHandler> LeasedBatchHandler for LeasedPerMessage<H> {
 #[derive(Debug, thiserror::Error)]
 #[error("savepoint failed, transaction abandoned: {0}")]
 pub(crate) struct TxnBroken(pub(crate) sea_orm::DbErr);
-
-/// Adapts a per-message transactional handler: one savepoint per message.
-pub(crate) struct TransactionalPerMessage<H>(pub H);
-
-#[async_trait]
-impl<H: TransactionalHandler> TransactionalBatchHandler for TransactionalPerMessage<H> {
-    async fn handle_batch(
-        &self,
-        txn: &DatabaseTransaction,
-        msgs: &[Message],
-    ) -> Vec<HandlerResult> {
-        let mut out = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            let sp = match txn.begin().await {
-                Ok(sp) => sp,
-                Err(e) => {
-                    out.push(Err(Box::new(TxnBroken(e)) as HandlerError));
-                    break;
-                }
-            };
-            let r = crate::processor::catch_panic(self.0.handle(&sp, m)).await;
-            let r = match r {
-                Ok(Outcome::Ack) => match sp.commit().await {
-                    Ok(()) => Ok(Outcome::Ack),
-                    Err(e) => Err(Box::new(TxnBroken(e)) as HandlerError),
-                },
-                other => {
-                    if let Err(e) = sp.rollback().await {
-                        out.push(Err(Box::new(TxnBroken(e)) as HandlerError));
-                        break;
-                    }
-                    other
-                }
-            };
-            let stop = !matches!(r, Ok(Outcome::Ack) | Ok(Outcome::Reject(_)));
-            out.push(r);
-            if stop {
-                break;
-            }
-        }
-        out
-    }
-}

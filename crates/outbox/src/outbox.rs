@@ -16,12 +16,13 @@ use crate::enqueue::{self, EnqueueConn, Resolved};
 use crate::error::{OutboxError, Result};
 use crate::handler::{
     LeasedBatchHandler, LeasedHandler, LeasedPerMessage, QueueHandler, TransactionalBatchHandler,
-    TransactionalHandler, TransactionalPerMessage,
+    TransactionalHandler,
 };
 use crate::message::{
     MessageId, NewMessage, Partitions, partition_for_key, validate_headers, validate_payload_type,
     validate_queue_name,
 };
+use crate::processor::transactional::TxnHandler;
 use crate::queues::{QueueInfo, QueueSpec};
 use crate::signals::Signals;
 
@@ -363,18 +364,16 @@ impl QueueBuilder {
 
     /// Transactional (exactly-once database side effects) processing, per message.
     pub fn transactional(self, handler: impl TransactionalHandler) -> OutboxBuilder {
-        self.finish(Some(QueueHandler::Transactional {
-            handler: Arc::new(TransactionalPerMessage(handler)),
-            per_message: true,
-        }))
+        self.finish(Some(QueueHandler::Transactional(TxnHandler::PerMessage(
+            Arc::new(handler),
+        ))))
     }
 
     /// Transactional processing with a batch handler.
     pub fn transactional_batch(self, handler: impl TransactionalBatchHandler) -> OutboxBuilder {
-        self.finish(Some(QueueHandler::Transactional {
-            handler: Arc::new(handler),
-            per_message: false,
-        }))
+        self.finish(Some(QueueHandler::Transactional(TxnHandler::Batch(
+            Arc::new(handler),
+        ))))
     }
 
     /// No handler in this process: messages are only enqueued here.

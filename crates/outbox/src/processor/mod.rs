@@ -9,13 +9,14 @@
 //!   owner. `stop()` releases every lease at once.
 //! * **Transactional** (exactly-once database side effects): the handler runs inside the
 //!   transaction that advances the cursor, under a `SKIP LOCKED` row lock on the partition's
-//!   `processor` row, each message inside a savepoint.
+//!   `processor` row (`transactional.rs`: no savepoint unless a message fails).
 //!
 //! An idle partition costs one read when woken and no write. Retries wait head-of-line with
 //! backoff (`retry_at`), which new arrivals do not cut short.
 
 pub(crate) mod coalesce;
 pub(crate) mod lease;
+pub(crate) mod transactional;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -24,15 +25,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
-use sea_orm::{ConnectionTrait, DatabaseTransaction, TransactionTrait, Value};
+use sea_orm::{ConnectionTrait, Value};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backend::{Db, execute, get_opt_time, get_time, query_all};
+use crate::backend::{Db, execute, get_opt_time, get_time};
 use crate::error::{OutboxError, Result};
-use crate::handler::{HandlerError, HandlerResult, Outcome, QueueHandler};
+use crate::handler::{HandlerResult, Outcome, QueueHandler};
 use crate::message::{Message, decode_headers};
 use crate::outbox::Inner;
 use crate::queues::QueueInfo;
@@ -93,15 +94,6 @@ struct State {
     locked_until: Option<DateTime<Utc>>,
 }
 
-fn state_sql(db: &Db) -> String {
-    format!(
-        "SELECT p.{seq} AS high, pr.processed_seq, pr.attempts, pr.retry_at, pr.locked_by, \
-         pr.locked_until FROM modkit_outbox_partitions p \
-         JOIN modkit_outbox_processor pr ON pr.partition_id = p.id WHERE p.id = ?",
-        seq = db.dialect.q("sequence")
-    )
-}
-
 impl State {
     /// The state columns of the first row; a missing row means a partition without its
     /// `processor` row (schema out of sync).
@@ -122,37 +114,9 @@ impl State {
     }
 }
 
-async fn read_state(db: &Db, sql: &str, partition_id: i64) -> Result<State> {
-    let rows = db.query_all(sql, vec![Value::from(partition_id)]).await?;
-    State::from_first(&rows, partition_id)
-}
-
 const FETCH_SQL: &str = "SELECT o.seq, b.id, b.payload, b.payload_type, b.headers, b.created_at \
      FROM modkit_outbox_outgoing o JOIN modkit_outbox_body b ON b.id = o.body_id \
      WHERE o.partition_id = ? AND o.seq > ? ORDER BY o.seq LIMIT ?";
-
-async fn fetch<C: ConnectionTrait>(
-    c: &C,
-    p: &Partition,
-    after: i64,
-    head_attempts: i64,
-) -> Result<Vec<Message>> {
-    let d = p.inner.db.dialect;
-    let rows = query_all(
-        c,
-        d,
-        FETCH_SQL,
-        vec![
-            Value::from(p.id),
-            Value::from(after),
-            Value::from(p.queue.batch_size as u64),
-        ],
-    )
-    .await?;
-    rows.iter()
-        .map(|r| row_to_message(r, p, after, head_attempts))
-        .collect()
-}
 
 fn row_to_message(
     r: &sea_orm::QueryResult,
@@ -380,7 +344,6 @@ pub(crate) struct Partition {
     holds_lease: bool,
     /// When our lease ends, as we last wrote it (acquire, renewal, ack).
     lease_expires: DateTime<Utc>,
-    state_sql: String,
     /// Coalesced reads and acks (leased queues).
     io: Option<coalesce::LeasedIo>,
 }
@@ -421,7 +384,6 @@ impl Partition {
     ) -> Self {
         let id = queue.partition_ids[index as usize];
         let notify = inner.signals.processor(id);
-        let state_sql = state_sql(&inner.db);
         Self {
             inner,
             queue,
@@ -430,7 +392,6 @@ impl Partition {
             notify,
             holds_lease: false,
             lease_expires: DateTime::<Utc>::MIN_UTC,
-            state_sql,
             io,
         }
     }
@@ -504,15 +465,14 @@ impl Partition {
 
 impl Partition {
     async fn step(&mut self) -> Result<Step> {
-        let leased = matches!(self.queue.handler, Some(QueueHandler::Leased(_)));
-        let (st, msgs) = if leased {
-            read_state_and_batch(self).await?
-        } else {
-            (
-                read_state(&self.inner.db, &self.state_sql, self.id).await?,
-                Vec::new(),
-            )
+        let handler = match self.queue.handler.clone() {
+            Some(QueueHandler::Leased(h)) => h,
+            // Its own locked read tells whether there is work: no read before it (a woken
+            // processor nearly always has work; the reconciler wakes only those that do).
+            Some(QueueHandler::Transactional(h)) => return self.step_transactional(h).await,
+            None => return Ok(Step::Idle),
         };
+        let (st, msgs) = read_state_and_batch(self).await?;
         // Idle or backing off: no write at all. A lease we hold simply lapses after its TTL
         // (or is reused if work arrives first), so idle partitions cause no lease churn.
         if st.high <= st.processed {
@@ -523,14 +483,7 @@ impl Partition {
         {
             return Ok(at(t, false));
         }
-        match self.queue.handler.clone() {
-            Some(QueueHandler::Leased(h)) => self.step_leased(st, msgs, h).await,
-            Some(QueueHandler::Transactional {
-                handler,
-                per_message,
-            }) => self.step_transactional(handler, per_message).await,
-            None => Ok(Step::Idle),
-        }
+        self.step_leased(st, msgs, handler).await
     }
 
     async fn step_leased(
@@ -694,73 +647,6 @@ impl Partition {
         }
     }
 
-    async fn step_transactional(
-        &mut self,
-        handler: Arc<dyn crate::handler::TransactionalBatchHandler>,
-        per_message: bool,
-    ) -> Result<Step> {
-        let db = &self.inner.db;
-        let d = db.dialect;
-        let w = db.begin_write().await?;
-        let sql = format!(
-            "SELECT processed_seq, attempts, retry_at FROM modkit_outbox_processor \
-             WHERE partition_id = ?{}",
-            d.lock_skip_locked()
-        );
-        let rows = query_all(&w.txn, d, &sql, vec![Value::from(self.id)]).await?;
-        let Some(r) = rows.first() else {
-            // Another instance is processing this partition right now.
-            w.rollback().await?;
-            return Ok(at(Utc::now() + chrono::Duration::milliseconds(200), true));
-        };
-        let processed: i64 = r.try_get("", "processed_seq")?;
-        let attempts: i64 = r.try_get("", "attempts")?;
-        if let Some(t) = get_opt_time(r, "retry_at")?
-            && t > Utc::now()
-        {
-            w.rollback().await?;
-            return Ok(at(t, false));
-        }
-        let msgs = fetch(&w.txn, self, processed, attempts).await?;
-        if msgs.is_empty() {
-            w.rollback().await?;
-            return Ok(Step::Idle);
-        }
-        let results = if per_message {
-            catch_panic_batch(handler.handle_batch(&w.txn, &msgs), msgs.len()).await
-        } else {
-            run_batch_in_savepoint(&w.txn, &handler, &msgs).await?
-        };
-        if let Some(Err(e)) = results
-            .iter()
-            .find(|r| matches!(r, Err(e) if e.is::<crate::handler::TxnBroken>()))
-        {
-            // Dropping the transaction rolls everything back, acked messages included.
-            let msg = e.to_string();
-            drop(w);
-            return Err(OutboxError::Db(sea_orm::DbErr::Custom(msg)));
-        }
-        let a = apply(&msgs, &results, processed, attempts, &self.queue);
-        if a.processed == processed && a.retry_at.is_none() {
-            w.rollback().await?;
-            return Ok(at(Utc::now() + chrono::Duration::milliseconds(100), false));
-        }
-        insert_dead_letters(&w.txn, self, &a.dead).await?;
-        if !write_cursor(&w.txn, self, processed, &a, None, false).await? {
-            w.rollback().await?;
-            return Ok(Step::More);
-        }
-        w.commit().await?;
-        self.after_ack(&a, &msgs);
-        // Fewer than a full batch: the partition was drained when it was read.
-        let high = if msgs.len() < self.queue.batch_size {
-            msgs.last().map_or(processed, |m| m.seq)
-        } else {
-            i64::MAX
-        };
-        Ok(next_after_ack(&a, high))
-    }
-
     fn after_ack(&self, a: &Applied<'_>, msgs: &[Message]) {
         tracing::debug!(queue = %self.queue.name, partition = self.index,
             processed_seq = a.processed, acked = a.acked, dead = a.dead.len(),
@@ -769,41 +655,4 @@ impl Partition {
             self.inner.signals.wake_vacuum();
         }
     }
-}
-
-/// Runs a transactional batch handler inside one savepoint; if any message is not acked, rolls
-/// the savepoint back and replays the batch one message at a time, each in its own savepoint.
-async fn run_batch_in_savepoint(
-    txn: &DatabaseTransaction,
-    handler: &Arc<dyn crate::handler::TransactionalBatchHandler>,
-    msgs: &[Message],
-) -> Result<Vec<HandlerResult>> {
-    let sp = txn.begin().await?;
-    let results = catch_panic_batch(handler.handle_batch(&sp, msgs), msgs.len()).await;
-    if results.len() == msgs.len() && results.iter().all(|r| matches!(r, Ok(Outcome::Ack))) {
-        sp.commit().await?;
-        return Ok(results);
-    }
-    sp.rollback().await?;
-    let mut out = Vec::with_capacity(msgs.len());
-    for m in msgs {
-        let sp = txn.begin().await?;
-        let mut r = catch_panic_batch(handler.handle_batch(&sp, std::slice::from_ref(m)), 1).await;
-        let r = if r.is_empty() {
-            Err::<Outcome, HandlerError>("batch handler returned no result".into())
-        } else {
-            r.swap_remove(0)
-        };
-        if matches!(r, Ok(Outcome::Ack)) {
-            sp.commit().await?;
-        } else {
-            sp.rollback().await?;
-        }
-        let stop = !matches!(r, Ok(Outcome::Ack) | Ok(Outcome::Reject(_)));
-        out.push(r);
-        if stop {
-            break;
-        }
-    }
-    Ok(out)
 }

@@ -1,0 +1,327 @@
+//! Transactional processing: the handler runs inside the transaction that moves the partition
+//! cursor, so its writes commit exactly when the messages are acknowledged.
+//!
+//! A step is one transaction and, on the path every healthy batch takes, four round trips:
+//! `BEGIN`; lock the `processor` row (`SKIP LOCKED`) and read the batch, one statement on
+//! PostgreSQL and SQLite (two on MySQL, whose locking clause cannot be confined to one table of
+//! a join on MariaDB); the handler, with no savepoint around it; the cursor update; `COMMIT`.
+//!
+//! When a message is not acknowledged (retry, reject, error, panic), that transaction is rolled
+//! back as a whole and the batch is replayed in a fresh one, each message in its own savepoint:
+//! acknowledged messages keep their writes, the others leave none. A per-message handler is not
+//! called again for the message that failed (its result is reused); the messages before it run
+//! again, because their first writes went with the rollback. A batch handler's batch is replayed
+//! one message at a time, as documented on [`TransactionalBatchHandler`].
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{DatabaseTransaction, TransactionTrait, Value};
+
+use super::{
+    FETCH_SQL, Partition, Step, apply, at, catch_panic, catch_panic_batch, get_opt_time,
+    insert_dead_letters, next_after_ack, row_to_message, write_cursor,
+};
+use crate::backend::{Dialect, query_all};
+use crate::error::{OutboxError, Result};
+use crate::handler::{
+    HandlerError, HandlerResult, Outcome, TransactionalBatchHandler, TransactionalHandler,
+    TxnBroken,
+};
+use crate::message::Message;
+
+/// A transactional queue's handler, as registered.
+#[derive(Clone)]
+pub(crate) enum TxnHandler {
+    /// One message per call.
+    PerMessage(Arc<dyn TransactionalHandler>),
+    /// Consecutive messages per call.
+    Batch(Arc<dyn TransactionalBatchHandler>),
+}
+
+/// How the first try of a batch ended.
+enum FirstTry {
+    /// Every message acknowledged: commit.
+    Acked(Vec<HandlerResult>),
+    /// Something was not acknowledged: roll back and replay. `known` is the failing message's
+    /// seq and result when it need not run again (per-message handlers).
+    Replay { known: Option<(i64, HandlerResult)> },
+}
+
+/// The locked cursor and the batch after it.
+struct Locked {
+    processed: i64,
+    attempts: i64,
+    retry_at: Option<DateTime<Utc>>,
+    msgs: Vec<Message>,
+}
+
+/// PostgreSQL/SQLite: lock the cursor row (the CTE is never inlined, so the lock stays on
+/// `processor` alone) and read the batch after it, in one statement. Seqs are gapless, so the
+/// batch is the range `(processed_seq, processed_seq + batch_size]`; a partition with nothing
+/// to do yields one row without a message. Placeholders: partition id, batch size.
+fn lock_and_fetch_sql(d: Dialect) -> String {
+    format!(
+        "WITH pr AS (SELECT partition_id, processed_seq, attempts, retry_at \
+         FROM modkit_outbox_processor WHERE partition_id = ?{lock}) \
+         SELECT pr.processed_seq, pr.attempts, pr.retry_at, o.seq, b.id, b.payload, \
+         b.payload_type, b.headers, b.created_at FROM pr \
+         LEFT JOIN modkit_outbox_outgoing o ON o.partition_id = pr.partition_id \
+           AND o.seq > pr.processed_seq AND o.seq <= pr.processed_seq + ? \
+         LEFT JOIN modkit_outbox_body b ON b.id = o.body_id ORDER BY o.seq",
+        lock = d.lock_skip_locked()
+    )
+}
+
+impl Partition {
+    /// One transactional step: the fast try, and the careful replay when the fast try saw a
+    /// message that was not acknowledged.
+    pub(super) async fn step_transactional(&mut self, handler: TxnHandler) -> Result<Step> {
+        match self.txn_try(&handler, None).await? {
+            Ok(step) => Ok(step),
+            Err(known) => match self.txn_try(&handler, Some(known)).await? {
+                Ok(step) => Ok(step),
+                // The careful try never asks for another replay.
+                Err(_) => Ok(Step::More),
+            },
+        }
+    }
+
+    /// Locks the cursor and reads the batch; `None` when another instance holds the row.
+    async fn lock_and_fetch(&self, txn: &DatabaseTransaction) -> Result<Option<Locked>> {
+        let d = self.inner.db.dialect;
+        let batch = self.queue.batch_size as u64;
+        if d != Dialect::MySql {
+            let rows = query_all(
+                txn,
+                d,
+                &lock_and_fetch_sql(d),
+                vec![Value::from(self.id), Value::from(batch)],
+            )
+            .await?;
+            let Some(r) = rows.first() else {
+                return Ok(None);
+            };
+            let processed: i64 = r.try_get("", "processed_seq")?;
+            let attempts: i64 = r.try_get("", "attempts")?;
+            let retry_at = get_opt_time(r, "retry_at")?;
+            let mut msgs = Vec::with_capacity(rows.len());
+            for r in &rows {
+                if r.try_get::<Option<i64>>("", "seq")?.is_some() {
+                    msgs.push(row_to_message(r, self, processed, attempts)?);
+                }
+            }
+            return Ok(Some(Locked {
+                processed,
+                attempts,
+                retry_at,
+                msgs,
+            }));
+        }
+        let sql = format!(
+            "SELECT processed_seq, attempts, retry_at FROM modkit_outbox_processor \
+             WHERE partition_id = ?{}",
+            d.lock_skip_locked()
+        );
+        let rows = query_all(txn, d, &sql, vec![Value::from(self.id)]).await?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        let processed: i64 = r.try_get("", "processed_seq")?;
+        let attempts: i64 = r.try_get("", "attempts")?;
+        let retry_at = get_opt_time(r, "retry_at")?;
+        let rows = query_all(
+            txn,
+            d,
+            FETCH_SQL,
+            vec![
+                Value::from(self.id),
+                Value::from(processed),
+                Value::from(batch),
+            ],
+        )
+        .await?;
+        let msgs = rows
+            .iter()
+            .map(|r| row_to_message(r, self, processed, attempts))
+            .collect::<Result<_>>()?;
+        Ok(Some(Locked {
+            processed,
+            attempts,
+            retry_at,
+            msgs,
+        }))
+    }
+
+    /// One transaction. `replay: None` is the fast try (no savepoints; `Err(known)` asks for
+    /// the careful replay); `Some(known)` is the careful replay.
+    async fn txn_try(
+        &mut self,
+        handler: &TxnHandler,
+        replay: Option<Option<(i64, HandlerResult)>>,
+    ) -> Result<std::result::Result<Step, Option<(i64, HandlerResult)>>> {
+        let db = self.inner.db.clone();
+        let w = db.begin_write().await?;
+        let Some(Locked {
+            processed,
+            attempts,
+            retry_at,
+            msgs,
+        }) = self.lock_and_fetch(&w.txn).await?
+        else {
+            // Another instance is processing this partition right now.
+            w.rollback().await?;
+            return Ok(Ok(at(
+                Utc::now() + chrono::Duration::milliseconds(200),
+                true,
+            )));
+        };
+        if let Some(t) = retry_at
+            && t > Utc::now()
+        {
+            w.rollback().await?;
+            return Ok(Ok(at(t, false)));
+        }
+        if msgs.is_empty() {
+            w.rollback().await?;
+            return Ok(Ok(Step::Idle));
+        }
+        let results = match replay {
+            None => match first_try(&w.txn, handler, &msgs).await {
+                FirstTry::Acked(r) => r,
+                FirstTry::Replay { known } => {
+                    // Everything the handler wrote goes; the replay starts clean.
+                    w.rollback().await?;
+                    return Ok(Err(known));
+                }
+            },
+            // The batch read now may differ from the first try's (another instance moved the
+            // cursor in between): a known result applies only to the seq it was for.
+            Some(known) => one_by_one(&w.txn, handler, &msgs, known).await,
+        };
+        if let Some(Err(e)) = results
+            .iter()
+            .find(|r| matches!(r, Err(e) if e.is::<TxnBroken>()))
+        {
+            // Dropping the transaction rolls everything back, acked messages included.
+            let msg = e.to_string();
+            drop(w);
+            return Err(OutboxError::Db(sea_orm::DbErr::Custom(msg)));
+        }
+        let a = apply(&msgs, &results, processed, attempts, &self.queue);
+        if a.processed == processed && a.retry_at.is_none() {
+            // No result at all (a batch handler that answered nothing): try again shortly.
+            w.rollback().await?;
+            return Ok(Ok(at(
+                Utc::now() + chrono::Duration::milliseconds(100),
+                false,
+            )));
+        }
+        insert_dead_letters(&w.txn, self, &a.dead).await?;
+        if !write_cursor(&w.txn, self, processed, &a, None, false).await? {
+            w.rollback().await?;
+            return Ok(Ok(Step::More));
+        }
+        w.commit().await?;
+        self.after_ack(&a, &msgs);
+        // Fewer than a full batch: the partition was drained when it was read.
+        let high = if msgs.len() < self.queue.batch_size {
+            msgs.last().map_or(processed, |m| m.seq)
+        } else {
+            i64::MAX
+        };
+        Ok(Ok(next_after_ack(&a, high)))
+    }
+}
+
+/// The fast try: the handler runs directly in the step's transaction.
+async fn first_try(txn: &DatabaseTransaction, handler: &TxnHandler, msgs: &[Message]) -> FirstTry {
+    match handler {
+        TxnHandler::Batch(h) => {
+            let results = catch_panic_batch(h.handle_batch(txn, msgs), msgs.len()).await;
+            if results.len() == msgs.len() && results.iter().all(|r| matches!(r, Ok(Outcome::Ack)))
+            {
+                FirstTry::Acked(results)
+            } else {
+                FirstTry::Replay { known: None }
+            }
+        }
+        TxnHandler::PerMessage(h) => {
+            let mut results = Vec::with_capacity(msgs.len());
+            for m in msgs {
+                let r = catch_panic(h.handle(txn, m)).await;
+                if !matches!(r, Ok(Outcome::Ack)) {
+                    return FirstTry::Replay {
+                        known: Some((m.seq, r)),
+                    };
+                }
+                results.push(r);
+            }
+            FirstTry::Acked(results)
+        }
+    }
+}
+
+/// The careful replay: each message in its own savepoint, in order, stopping after the first
+/// one that neither acks nor rejects. `known` is a result already obtained for one seq (that
+/// message is not run again; its writes went with the first try's rollback).
+async fn one_by_one(
+    txn: &DatabaseTransaction,
+    handler: &TxnHandler,
+    msgs: &[Message],
+    mut known: Option<(i64, HandlerResult)>,
+) -> Vec<HandlerResult> {
+    let mut out = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let r = match known.take_if(|(seq, _)| *seq == m.seq) {
+            Some((_, r)) => r,
+            None => match in_savepoint(txn, handler, m).await {
+                Ok(r) => r,
+                Err(broken) => {
+                    out.push(Err(broken));
+                    break;
+                }
+            },
+        };
+        let stop = !matches!(r, Ok(Outcome::Ack) | Ok(Outcome::Reject(_)));
+        out.push(r);
+        if stop {
+            break;
+        }
+    }
+    out
+}
+
+/// Runs one message inside a savepoint, kept when it acks and rolled back otherwise. `Err` is
+/// a savepoint statement that failed: the transaction is unusable ([`TxnBroken`]).
+async fn in_savepoint(
+    txn: &DatabaseTransaction,
+    handler: &TxnHandler,
+    m: &Message,
+) -> std::result::Result<HandlerResult, HandlerError> {
+    let sp = txn
+        .begin()
+        .await
+        .map_err(|e| Box::new(TxnBroken(e)) as HandlerError)?;
+    let r = match handler {
+        TxnHandler::PerMessage(h) => catch_panic(h.handle(&sp, m)).await,
+        TxnHandler::Batch(h) => {
+            let mut r = catch_panic_batch(h.handle_batch(&sp, std::slice::from_ref(m)), 1).await;
+            if r.is_empty() {
+                Err("batch handler returned no result".into())
+            } else {
+                r.swap_remove(0)
+            }
+        }
+    };
+    if matches!(r, Ok(Outcome::Ack)) {
+        sp.commit()
+            .await
+            .map_err(|e| Box::new(TxnBroken(e)) as HandlerError)?;
+    } else {
+        sp.rollback()
+            .await
+            .map_err(|e| Box::new(TxnBroken(e)) as HandlerError)?;
+    }
+    Ok(r)
+}
