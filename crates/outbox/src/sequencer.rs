@@ -8,9 +8,11 @@
 //!    COMMITTED; SQLite's `BEGIN IMMEDIATE` already excludes other writers). Only the partitions
 //!    this pass works on are locked, and the locks are on `partitions` rows, never on the
 //!    incoming rows of other partitions;
-//! 3. read up to `sequencer_batch` incoming rows per locked partition, oldest first;
+//! 3. read up to `sequencer_batch` incoming rows per locked partition, oldest first (at a
+//!    trickle: the oldest `sequencer_batch` rows of the locked partitions together);
 //! 4. insert them into `outgoing`, advance each partition's `sequence`, delete them from
-//!    `incoming` by primary key (and check that every row was still there);
+//!    `incoming` by primary key (and check that every row was still there). On MySQL these
+//!    writes go as one text-protocol batch per 500 rows ([`mysql::sequence_writes`]);
 //! 5. commit, then wake the partitions' processors (PostgreSQL: `NOTIFY` to the other instances
 //!    for partitions whose lease this instance does not hold).
 //!
@@ -25,12 +27,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::Value;
+use sea_orm::{ConnectionTrait, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::postgres::PassCandidates;
 use crate::backend::{
-    Dialect, MAX_IN_LIST, execute, placeholders, postgres, query_all, update_per_key,
+    Dialect, MAX_IN_LIST, execute, mysql, placeholders, postgres, query_all, update_per_key,
 };
 use crate::error::{OutboxError, Result};
 use crate::outbox::Inner;
@@ -91,7 +93,8 @@ pub(crate) async fn pass(inner: &Inner, split: bool) -> Result<PassResult> {
     };
     let per = candidates.len().div_ceil(workers);
     let results =
-        futures::future::join_all(candidates.chunks(per).map(|g| pass_group(inner, g))).await;
+        futures::future::join_all(candidates.chunks(per).map(|g| pass_group(inner, g, split)))
+            .await;
     let mut total = PassResult::default();
     for r in results {
         let r = r?;
@@ -102,7 +105,7 @@ pub(crate) async fn pass(inner: &Inner, split: bool) -> Result<PassResult> {
 }
 
 /// Sequences one group of partitions in one transaction.
-async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
+async fn pass_group(inner: &Inner, candidates: &[i64], split: bool) -> Result<PassResult> {
     let db = &inner.db;
     let d = db.dialect;
     if d == Dialect::Postgres {
@@ -132,22 +135,36 @@ async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
         return Ok(PassResult { moved: 0, skipped });
     }
 
-    // Oldest rows first, per partition, in one statement.
     let per = inner.config.sequencer_batch as u64;
-    let parts: Vec<String> = (0..locked.len())
-        .map(|i| {
-            format!(
-                "SELECT * FROM (SELECT id, partition_id, body_id FROM modkit_outbox_incoming \
-                 WHERE partition_id = ? ORDER BY id LIMIT ?) t{i}"
-            )
-        })
-        .collect();
-    let mut args = Vec::with_capacity(2 * locked.len());
-    for id in locked.keys() {
-        args.push(Value::from(*id));
+    let rows = if split {
+        // A backlog: oldest rows first, up to `per` for each partition, in one statement.
+        let parts: Vec<String> = (0..locked.len())
+            .map(|i| {
+                format!(
+                    "SELECT * FROM (SELECT id, partition_id, body_id FROM modkit_outbox_incoming \
+                     WHERE partition_id = ? ORDER BY id LIMIT ?) t{i}"
+                )
+            })
+            .collect();
+        let mut args = Vec::with_capacity(2 * locked.len());
+        for id in locked.keys() {
+            args.push(Value::from(*id));
+            args.push(Value::from(per));
+        }
+        query_all(t, d, &parts.join(" UNION ALL "), args).await?
+    } else {
+        // A trickle: the oldest `per` rows of these partitions, without a derived table per
+        // partition (MariaDB materializes each). Any prefix in id order is a prefix of every
+        // partition's rows, so what is left over is simply moved by the next pass.
+        let sql = format!(
+            "SELECT id, partition_id, body_id FROM modkit_outbox_incoming \
+             WHERE partition_id IN ({}) ORDER BY id LIMIT ?",
+            placeholders(locked.len())
+        );
+        let mut args: Vec<Value> = locked.keys().map(|id| Value::from(*id)).collect();
         args.push(Value::from(per));
-    }
-    let rows = query_all(t, d, &parts.join(" UNION ALL "), args).await?;
+        query_all(t, d, &sql, args).await?
+    };
     let mut by_partition: BTreeMap<i64, Vec<(i64, i64)>> = BTreeMap::new();
     for r in &rows {
         let id: i64 = r.try_get("", "id")?;
@@ -160,7 +177,8 @@ async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
         return Ok(PassResult { moved: 0, skipped });
     }
 
-    let now = d.time(chrono::Utc::now());
+    let now_utc = chrono::Utc::now();
+    let now = d.time(now_utc);
     let mut outgoing: Vec<(i64, i64, i64)> = Vec::with_capacity(rows.len());
     let mut incoming_ids: Vec<i64> = Vec::with_capacity(rows.len());
     let mut new_seq: Vec<(i64, i64)> = Vec::with_capacity(by_partition.len());
@@ -175,37 +193,51 @@ async fn pass_group(inner: &Inner, candidates: &[i64]) -> Result<PassResult> {
         new_seq.push((*pid, seq));
     }
 
-    for chunk in outgoing.chunks(1000) {
-        let sql = format!(
-            "INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) VALUES {}",
-            vec!["(?, ?, ?, ?)"; chunk.len()].join(", ")
-        );
-        let mut args = Vec::with_capacity(4 * chunk.len());
-        for (pid, body, seq) in chunk {
-            args.push(Value::from(*pid));
-            args.push(Value::from(*body));
-            args.push(Value::from(*seq));
-            args.push(now.clone());
+    let deleted = if d == Dialect::MySql {
+        // A few text round trips instead of three prepared statements (see
+        // [`mysql::sequence_writes`]); each batch must affect exactly its rows.
+        let mut ok = true;
+        for (sql, expected) in mysql::sequence_writes(&outgoing, &incoming_ids, &new_seq, now_utc) {
+            ok &= t.execute_unprepared(&sql).await?.rows_affected() == expected;
         }
+        if ok {
+            incoming_ids.len() as u64
+        } else {
+            u64::MAX
+        }
+    } else {
+        for chunk in outgoing.chunks(1000) {
+            let sql = format!(
+                "INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) VALUES {}",
+                vec!["(?, ?, ?, ?)"; chunk.len()].join(", ")
+            );
+            let mut args = Vec::with_capacity(4 * chunk.len());
+            for (pid, body, seq) in chunk {
+                args.push(Value::from(*pid));
+                args.push(Value::from(*body));
+                args.push(Value::from(*seq));
+                args.push(now.clone());
+            }
+            execute(t, d, &sql, args).await?;
+        }
+        let (sql, args) =
+            update_per_key("modkit_outbox_partitions", "id", &d.q("sequence"), &new_seq);
         execute(t, d, &sql, args).await?;
-    }
-
-    let (sql, args) = update_per_key("modkit_outbox_partitions", "id", &d.q("sequence"), &new_seq);
-    execute(t, d, &sql, args).await?;
-
-    let mut deleted = 0;
-    for chunk in incoming_ids.chunks(MAX_IN_LIST) {
-        let sql = d.delete_using(
-            "modkit_outbox_incoming",
-            "PRIMARY",
-            &format!("id IN ({})", placeholders(chunk.len())),
-        );
-        deleted += execute(t, d, &sql, chunk.iter().map(|i| Value::from(*i)).collect()).await?;
-    }
+        let mut deleted = 0;
+        for chunk in incoming_ids.chunks(MAX_IN_LIST) {
+            let sql = d.delete_using(
+                "modkit_outbox_incoming",
+                "PRIMARY",
+                &format!("id IN ({})", placeholders(chunk.len())),
+            );
+            deleted += execute(t, d, &sql, chunk.iter().map(|i| Value::from(*i)).collect()).await?;
+        }
+        deleted
+    };
     if deleted != incoming_ids.len() as u64 {
         w.rollback().await?;
         return Err(OutboxError::Db(sea_orm::DbErr::Custom(format!(
-            "sequencer: {} incoming rows read but {deleted} deleted; pass rolled back",
+            "sequencer: {} incoming rows read but the writes did not affect them all; pass rolled back",
             incoming_ids.len()
         ))));
     }
