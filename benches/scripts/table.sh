@@ -14,11 +14,11 @@ for url in "$PG" "$MY" sqlite; do
     run --url "$url" --batch 100 --partitions 8
     run --url "$url" --batch 100 --partitions 64
     run --url "$url" --batch 100 --partitions 8 --mode transactional
-    run --url "$url" --batch 1 --partitions 8 --messages 5000
+    run --url "$url" --batch 1 --partitions 8 --enqueue-only
     if [ "$url" != sqlite ]; then
-        run --url "$url" --batch 1 --partitions 8 --messages 5000 --mode transactional
+        run --url "$url" --batch 1 --partitions 8 --mode transactional
         run --url "$url" --batch 100 --partitions 8 --instances 3
-        run --url "$url" --batch 1 --partitions 8 --messages 5000 --instances 3
+        run --url "$url" --batch 1 --partitions 8 --instances 3
     fi
 done
 # Memory with a 100,000-message backlog (producers far ahead of the pipeline).

@@ -98,6 +98,11 @@ struct Line<'a> {
     ratio_to_ceiling: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio_to_insert_floor: Option<f64>,
+    /// `--enqueue-only`: the producers' rate with no engine running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enqueue_only_msg_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enqueue_only_ratio_to_insert_floor: Option<f64>,
 }
 
 #[tokio::main]
@@ -134,6 +139,7 @@ async fn main() {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut floors = Vec::new();
     let mut engines = Vec::new();
+    let mut alones = Vec::new();
     let mut backend = String::new();
     for _ in 0..args.runs {
         let target = db::fresh(&args.url).await?;
@@ -148,16 +154,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         } else {
             Some(engine::run(&args, &target).await?)
         };
-        if args.enqueue_only {
-            let rate = engine::enqueue_only(&args, &target).await?;
-            println!(
-                "{}",
-                serde_json::json!({"kind": "enqueue_only", "backend": backend, "enqueue_msg_per_s": rate,
-                    "ratio_to_insert_floor": floor.map(|f| rate / f.insert_rows_per_s)})
-            );
-        }
-        print_line(&args, &backend, "run", floor, engine.clone());
+        let alone = if args.enqueue_only {
+            Some(engine::enqueue_only(&args, &target).await?)
+        } else {
+            None
+        };
+        print_line(&args, &backend, "run", floor, engine.clone(), alone);
         floors.extend(floor);
+        alones.extend(alone);
         engines.extend(engine);
     }
     if args.runs > 1 {
@@ -184,7 +188,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             delivered: engines[0].delivered,
             duplicates: engines.iter().map(|e| e.duplicates).sum(),
         });
-        print_line(&args, &backend, "median", floor, engine);
+        let alone = (!alones.is_empty()).then(|| stats::median(alones.clone()));
+        print_line(&args, &backend, "median", floor, engine, alone);
     }
     Ok(())
 }
@@ -195,6 +200,7 @@ fn print_line(
     kind: &'static str,
     floor: Option<floor::Floor>,
     engine: Option<engine::EngineRun>,
+    enqueue_only: Option<f64>,
 ) {
     let ratio_to_ceiling = match (&floor, &engine) {
         (Some(f), Some(e)) => Some(e.end_to_end_msg_per_s / f.design_ceiling_msg_per_s),
@@ -204,8 +210,14 @@ fn print_line(
         (Some(f), Some(e)) => Some(e.end_to_end_msg_per_s / f.insert_rows_per_s),
         _ => None,
     };
+    let enqueue_only_ratio_to_insert_floor = match (&floor, enqueue_only) {
+        (Some(f), Some(r)) => Some(r / f.insert_rows_per_s),
+        _ => None,
+    };
     let line = Line {
         kind,
+        enqueue_only_msg_per_s: enqueue_only,
+        enqueue_only_ratio_to_insert_floor,
         backend: backend.to_owned(),
         args,
         floor,
