@@ -2,7 +2,7 @@
 import json
 import sys
 
-print("| backend | B | partitions | mode | inst | floor insert / delete rows/s | ceiling msg/s | engine e2e msg/s | × ceiling | × insert floor | enqueue msg/s (alone × floor) | latency p50 / p99 ms | vacuum s | RSS MiB |")
+print("| backend | B | partitions | mode | inst | floor insert / delete rows/s | ceiling msg/s | engine e2e msg/s | × ceiling | × insert floor | enqueue msg/s (· producers alone, × insert floor) | latency p50 / p99 ms | vacuum s | RSS MiB |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for line in open(sys.argv[1]):
     d = json.loads(line)
@@ -13,8 +13,8 @@ for line in open(sys.argv[1]):
     r1 = "%.2f" % d["ratio_to_ceiling"] if d.get("ratio_to_ceiling") else "-"
     r2 = "%.2f" % d["ratio_to_insert_floor"] if d.get("ratio_to_insert_floor") else "-"
     enq = "%.0f" % e.get("enqueue_msg_per_s", 0)
-    if d.get("enqueue_only_ratio_to_insert_floor"):
-        enq += " (%.2f)" % d["enqueue_only_ratio_to_insert_floor"]
+    if d.get("enqueue_only_msg_per_s"):
+        enq += " · alone %.0f (%.2f ×)" % (d["enqueue_only_msg_per_s"], d["enqueue_only_ratio_to_insert_floor"])
     print("| %s | %d | %d | %s | %d | %s | %s | %.0f | %s | %s | %s | %.1f / %.1f | %.2f | %.0f |" % (
         d["backend"], a["batch"], a["partitions"], a["mode"], a["instances"], floor, ceil,
         e.get("end_to_end_msg_per_s", 0), r1, r2, enq,
