@@ -67,6 +67,11 @@ pub(crate) async fn pass(inner: &Inner, split: bool) -> Result<PassResult> {
         // A trickle: finding and moving the rows is one statement, one round trip.
         return pass_group_postgres(inner, &[]).await;
     }
+    if db.dialect == Dialect::Sqlite {
+        // One writer, often one connection shared with the producers: find the partitions
+        // inside the pass's own transaction, so a pass queues for the connection once.
+        return pass_group(inner, None, split).await;
+    }
     // One index probe per partition row: cheap however large the incoming backlog is.
     let candidates: Vec<i64> = db
         .query_all(
@@ -92,9 +97,12 @@ pub(crate) async fn pass(inner: &Inner, split: bool) -> Result<PassResult> {
         (Dialect::MySql, None) => 1,
     };
     let per = candidates.len().div_ceil(workers);
-    let results =
-        futures::future::join_all(candidates.chunks(per).map(|g| pass_group(inner, g, split)))
-            .await;
+    let results = futures::future::join_all(
+        candidates
+            .chunks(per)
+            .map(|g| pass_group(inner, Some(g), split)),
+    )
+    .await;
     let mut total = PassResult::default();
     for r in results {
         let r = r?;
@@ -104,32 +112,43 @@ pub(crate) async fn pass(inner: &Inner, split: bool) -> Result<PassResult> {
     Ok(total)
 }
 
-/// Sequences one group of partitions in one transaction.
-async fn pass_group(inner: &Inner, candidates: &[i64], split: bool) -> Result<PassResult> {
+/// Sequences one group of partitions in one transaction: the `candidates`, or (`None`, SQLite,
+/// whose `BEGIN IMMEDIATE` already excludes every other writer) whichever partitions have
+/// incoming rows when the transaction starts.
+async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> Result<PassResult> {
     let db = &inner.db;
     let d = db.dialect;
     if d == Dialect::Postgres {
-        return pass_group_postgres(inner, candidates).await;
+        return pass_group_postgres(inner, candidates.unwrap_or_default()).await;
     }
     let w = db.begin_bookkeeping().await?;
     let t = &w.txn;
-    let lock_sql = format!(
-        "SELECT id, {seq} AS seq FROM modkit_outbox_partitions WHERE id IN ({}) ORDER BY id{}",
-        placeholders(candidates.len()),
-        d.lock_skip_locked(),
-        seq = d.q("sequence"),
-    );
-    let locked: BTreeMap<i64, i64> = query_all(
-        t,
-        d,
-        &lock_sql,
-        candidates.iter().map(|i| Value::from(*i)).collect(),
-    )
-    .await?
-    .iter()
-    .map(|r| Ok((r.try_get::<i64>("", "id")?, r.try_get::<i64>("", "seq")?)))
-    .collect::<std::result::Result<_, sea_orm::DbErr>>()?;
-    let skipped = locked.len() < candidates.len();
+    let seq = d.q("sequence");
+    let (lock_sql, args) = match candidates {
+        Some(c) => (
+            format!(
+                "SELECT id, {seq} AS seq FROM modkit_outbox_partitions WHERE id IN ({}) \
+                 ORDER BY id{}",
+                placeholders(c.len()),
+                d.lock_skip_locked(),
+            ),
+            c.iter().map(|i| Value::from(*i)).collect(),
+        ),
+        None => (
+            format!(
+                "SELECT p.id, p.{seq} AS seq FROM modkit_outbox_partitions p WHERE EXISTS \
+                 (SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) \
+                 ORDER BY p.id LIMIT {MAX_PARTITIONS_PER_PASS}"
+            ),
+            Vec::new(),
+        ),
+    };
+    let locked: BTreeMap<i64, i64> = query_all(t, d, &lock_sql, args)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get::<i64>("", "id")?, r.try_get::<i64>("", "seq")?)))
+        .collect::<std::result::Result<_, sea_orm::DbErr>>()?;
+    let skipped = candidates.is_some_and(|c| locked.len() < c.len());
     if locked.is_empty() {
         w.rollback().await?;
         return Ok(PassResult { moved: 0, skipped });
