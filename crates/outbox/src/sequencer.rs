@@ -68,15 +68,19 @@ pub(crate) struct PassResult {
 /// One sequencing pass over every partition that has incoming rows: the partitions are split
 /// into up to `sequencer_workers` disjoint groups sequenced concurrently, each in its own
 /// transaction (one group on SQLite, which has a single writer).
-pub(crate) async fn pass(inner: &Inner, split: bool) -> Result<PassResult> {
+///
+/// `hot`: the previous pass moved rows, so this one very likely finds some too.
+pub(crate) async fn pass(inner: &Inner, split: bool, hot: bool) -> Result<PassResult> {
     let db = &inner.db;
     if db.dialect == Dialect::Postgres && !split {
         // A trickle: finding and moving the rows is one statement, one round trip.
         return pass_group_postgres(inner, &[]).await;
     }
-    if db.dialect == Dialect::Sqlite {
-        // One writer, often one connection shared with the producers: find the partitions
-        // inside the pass's own transaction, so a pass queues for the connection once.
+    if db.dialect == Dialect::Sqlite && hot {
+        // One writer, often one connection shared with the producers: while rows keep coming,
+        // find the partitions inside the pass's own transaction, so a pass queues for the
+        // connection once. Otherwise (re-checks while a commit may still be on its way) the
+        // probe below is a plain read that takes no write lock.
         return pass_group(inner, None, split).await;
     }
     // One index probe per partition row: cheap however large the incoming backlog is.
@@ -348,11 +352,14 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
         let mut recheck = RECHECK_MIN;
         let mut skipped_rounds = 0;
         let mut split = false;
+        let mut hot = false;
         loop {
             if cancel.is_cancelled() {
                 return;
             }
-            let (delay, interruptible) = match pass(&inner, split).await {
+            let result = pass(&inner, split, hot).await;
+            hot = result.as_ref().is_ok_and(|r| r.moved > 0);
+            let (delay, interruptible) = match result {
                 Ok(r) if r.moved > 0 => {
                     split = r.moved >= SPLIT_ABOVE;
                     error_backoff = Duration::from_millis(50);
