@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Recorder, eventually, fast_config, migrate, scalar};
+use common::{Recorder, cursors_reach, eventually, fast_config, migrate, scalar};
 use modkit_outbox::{
     HandlerResult, Message, NewMessage, Outbox, OutboxConfig, Outcome, Partitions,
 };
@@ -67,20 +67,8 @@ async fn crashed_instance_is_taken_over(db: TestDb) {
         .start()
         .await
         .expect("start B");
-    let conn = db.conn.clone();
     assert!(
-        eventually(Duration::from_secs(30), || {
-            let conn = conn.clone();
-            async move {
-                scalar(
-                    &conn,
-                    "SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE processed_seq = 100",
-                )
-                .await
-                    == 2
-            }
-        })
-        .await,
+        cursors_reach(&db.conn, Duration::from_secs(30), 100, 2).await,
         "{:?}: B finished both partitions",
         db.backend
     );
@@ -129,21 +117,7 @@ async fn slow_handler_keeps_its_lease(db: TestDb) {
         .enqueue(&db.conn, "slow", 0, "x", "t")
         .await
         .expect("enqueue");
-    let conn = db.conn.clone();
-    assert!(
-        eventually(Duration::from_secs(20), || {
-            let conn = conn.clone();
-            async move {
-                scalar(
-                    &conn,
-                    "SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE processed_seq = 1",
-                )
-                .await
-                    == 1
-            }
-        })
-        .await
-    );
+    assert!(cursors_reach(&db.conn, Duration::from_secs(20), 1, 1).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
         deliveries.load(Ordering::SeqCst),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use common::{Recorder, count, eventually, fast_config, migrate, scalar};
+use common::{Recorder, count, cursors_reach, eventually, fast_config, migrate, scalar};
 use modkit_outbox::{
     HandlerResult, LeasedBatchHandler, Message, NewMessage, Outbox, OutboxConfig, Outcome,
     Partitions, TransactionalBatchHandler, TransactionalHandler,
@@ -214,21 +214,7 @@ async fn transactional_batch_handler_replays_one_by_one(db: TestDb) {
         .enqueue_batch(&db.conn, &msgs)
         .await
         .expect("enqueue");
-    let conn = db.conn.clone();
-    assert!(
-        eventually(Duration::from_secs(15), || {
-            let conn = conn.clone();
-            async move {
-                scalar(
-                    &conn,
-                    "SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE processed_seq = 6",
-                )
-                .await
-                    == 1
-            }
-        })
-        .await
-    );
+    assert!(cursors_reach(&db.conn, Duration::from_secs(15), 6, 1).await);
     h.stop().await;
     // One effect per acked message; none for the rejected one; no doubles from the replays.
     assert_eq!(
@@ -403,20 +389,8 @@ async fn transactional_replay_keeps_the_failed_result(db: TestDb) {
         .start()
         .await
         .expect("start");
-    let conn = db.conn.clone();
     assert!(
-        eventually(Duration::from_secs(15), || {
-            let conn = conn.clone();
-            async move {
-                scalar(
-                    &conn,
-                    "SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE processed_seq = 3",
-                )
-                .await
-                    == 1
-            }
-        })
-        .await,
+        cursors_reach(&db.conn, Duration::from_secs(15), 3, 1).await,
         "{:?}: all three processed",
         db.backend
     );

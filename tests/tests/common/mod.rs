@@ -79,6 +79,23 @@ where
     }
 }
 
+/// Waits until `partitions` processor cursors stand at `seq` (every message of a test run
+/// processed); returns whether they did within `timeout`.
+pub async fn cursors_reach(
+    conn: &DatabaseConnection,
+    timeout: Duration,
+    seq: i64,
+    partitions: i64,
+) -> bool {
+    let sql =
+        format!("SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE processed_seq = {seq}");
+    eventually(timeout, || {
+        let (conn, sql) = (conn.clone(), sql.clone());
+        async move { scalar(&conn, &sql).await == partitions }
+    })
+    .await
+}
+
 /// Records every delivery, per (queue, partition), in delivery order.
 #[derive(Clone, Default)]
 pub struct Recorder {
