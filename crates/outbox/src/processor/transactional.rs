@@ -48,6 +48,15 @@ enum FirstTry {
     Replay { known: Option<(i64, HandlerResult)> },
 }
 
+/// How one transaction of a step ended.
+enum Tried {
+    /// Committed or rolled back for good: what the processor does next.
+    Done(Step),
+    /// The fast try saw a message that was not acknowledged and rolled back: replay carefully,
+    /// reusing this seq's result if it is still the one due.
+    Replay(Option<(i64, HandlerResult)>),
+}
+
 /// The locked cursor and the batch after it.
 struct Locked {
     processed: i64,
@@ -78,11 +87,11 @@ impl Partition {
     /// message that was not acknowledged.
     pub(super) async fn step_transactional(&mut self, handler: TxnHandler) -> Result<Step> {
         match self.txn_try(&handler, None).await? {
-            Ok(step) => Ok(step),
-            Err(known) => match self.txn_try(&handler, Some(known)).await? {
-                Ok(step) => Ok(step),
+            Tried::Done(step) => Ok(step),
+            Tried::Replay(known) => match self.txn_try(&handler, Some(known)).await? {
+                Tried::Done(step) => Ok(step),
                 // The careful try never asks for another replay.
-                Err(_) => Ok(Step::More),
+                Tried::Replay(_) => Ok(Step::More),
             },
         }
     }
@@ -153,13 +162,13 @@ impl Partition {
         }))
     }
 
-    /// One transaction. `replay: None` is the fast try (no savepoints; `Err(known)` asks for
-    /// the careful replay); `Some(known)` is the careful replay.
+    /// One transaction. `replay: None` is the fast try (no savepoints; it may end in
+    /// [`Tried::Replay`]); `Some(known)` is the careful replay.
     async fn txn_try(
         &mut self,
         handler: &TxnHandler,
         replay: Option<Option<(i64, HandlerResult)>>,
-    ) -> Result<std::result::Result<Step, Option<(i64, HandlerResult)>>> {
+    ) -> Result<Tried> {
         let db = self.inner.db.clone();
         let w = db.begin_write().await?;
         let Some(Locked {
@@ -171,7 +180,7 @@ impl Partition {
         else {
             // Another instance is processing this partition right now.
             w.rollback().await?;
-            return Ok(Ok(at(
+            return Ok(Tried::Done(at(
                 Utc::now() + chrono::Duration::milliseconds(200),
                 true,
             )));
@@ -180,11 +189,11 @@ impl Partition {
             && t > Utc::now()
         {
             w.rollback().await?;
-            return Ok(Ok(at(t, false)));
+            return Ok(Tried::Done(at(t, false)));
         }
         if msgs.is_empty() {
             w.rollback().await?;
-            return Ok(Ok(Step::Idle));
+            return Ok(Tried::Done(Step::Idle));
         }
         let results = match replay {
             None => match first_try(&w.txn, handler, &msgs).await {
@@ -192,7 +201,7 @@ impl Partition {
                 FirstTry::Replay { known } => {
                     // Everything the handler wrote goes; the replay starts clean.
                     w.rollback().await?;
-                    return Ok(Err(known));
+                    return Ok(Tried::Replay(known));
                 }
             },
             // The batch read now may differ from the first try's (another instance moved the
@@ -212,7 +221,7 @@ impl Partition {
         if a.processed == processed && a.retry_at.is_none() {
             // No result at all (a batch handler that answered nothing): try again shortly.
             w.rollback().await?;
-            return Ok(Ok(at(
+            return Ok(Tried::Done(at(
                 Utc::now() + chrono::Duration::milliseconds(100),
                 false,
             )));
@@ -220,7 +229,7 @@ impl Partition {
         insert_dead_letters(&w.txn, self, &a.dead).await?;
         if !write_cursor(&w.txn, self, processed, &a, None, false).await? {
             w.rollback().await?;
-            return Ok(Ok(Step::More));
+            return Ok(Tried::Done(Step::More));
         }
         w.commit().await?;
         self.after_ack(&a, &msgs);
@@ -230,7 +239,7 @@ impl Partition {
         } else {
             i64::MAX
         };
-        Ok(Ok(next_after_ack(&a, high)))
+        Ok(Tried::Done(next_after_ack(&a, high)))
     }
 }
 
