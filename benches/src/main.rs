@@ -4,12 +4,16 @@
 //! cargo run --release -p outbox-bench -- --url postgres://postgres@127.0.0.1:5432/outbox_bench
 //! cargo run --release -p outbox-bench -- --url sqlite --batch 1 --runs 3
 //! just bench --url mysql://root@127.0.0.1:3306/outbox_bench --partitions 64
+//! just bench --url postgres://postgres@127.0.0.1:5432/outbox_bench --batch 1 --enqueue-only
 //! ```
 //!
 //! Every run migrates a fresh schema, measures the floor (plain-SQL inserts and deletes of the
 //! same rows) and then the engine, verifies the deliveries (gapless seqs per partition, each
 //! message once, a producer's messages in order), and prints one JSON line. A violation exits
-//! with status 2. With `--runs N` a final JSON line holds the medians.
+//! with status 2. With `--runs N` a final JSON line holds the medians. `--enqueue-only` also
+//! times the producers alone (a producer-only outbox, no engine running) and reports that rate
+//! beside the floor, to tell what the enqueue transactions cost from what the running pipeline
+//! takes from them.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod db;
