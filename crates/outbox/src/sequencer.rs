@@ -223,18 +223,14 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
         new_seq.push((*pid, seq));
     }
 
-    let deleted = if d == Dialect::MySql {
+    let all_there = if d == Dialect::MySql {
         // A few text round trips instead of three prepared statements (see
         // [`mysql::sequence_writes`]); each batch must affect exactly its rows.
         let mut ok = true;
         for (sql, expected) in mysql::sequence_writes(&outgoing, &incoming_ids, &new_seq, now_utc) {
             ok &= t.execute_unprepared(&sql).await?.rows_affected() == expected;
         }
-        if ok {
-            incoming_ids.len() as u64
-        } else {
-            u64::MAX
-        }
+        ok
     } else {
         for chunk in outgoing.chunks(1000) {
             let sql = format!(
@@ -262,9 +258,9 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
             );
             deleted += execute(t, d, &sql, chunk.iter().map(|i| Value::from(*i)).collect()).await?;
         }
-        deleted
+        deleted == incoming_ids.len() as u64
     };
-    if deleted != incoming_ids.len() as u64 {
+    if !all_there {
         w.rollback().await?;
         return Err(OutboxError::Db(sea_orm::DbErr::Custom(format!(
             "sequencer: {} incoming rows read but the writes did not affect them all; pass rolled back",

@@ -174,13 +174,25 @@ async fn read_state_and_batch(p: &Partition) -> Result<(State, Vec<Message>)> {
     }
     .map_err(|e| OutboxError::Db(sea_orm::DbErr::Custom(e)))?;
     let st = State::from_first(&rows, p.id)?;
+    let msgs = messages_in(&rows, p, st.processed, st.attempts)?;
+    Ok((st, msgs))
+}
+
+/// The messages among batch rows; a row without `seq` (the `LEFT JOIN` of a partition with
+/// nothing to deliver) is skipped.
+fn messages_in(
+    rows: &[sea_orm::QueryResult],
+    p: &Partition,
+    after: i64,
+    head_attempts: i64,
+) -> Result<Vec<Message>> {
     let mut msgs = Vec::with_capacity(rows.len());
-    for r in &rows {
+    for r in rows {
         if r.try_get::<Option<i64>>("", "seq")?.is_some() {
-            msgs.push(row_to_message(r, p, st.processed, st.attempts)?);
+            msgs.push(row_to_message(r, p, after, head_attempts)?);
         }
     }
-    Ok((st, msgs))
+    Ok(msgs)
 }
 
 /// The cursor update a batch's results call for.

@@ -20,7 +20,7 @@ use sea_orm::{DatabaseTransaction, TransactionTrait, Value};
 
 use super::{
     FETCH_SQL, Partition, Step, apply, at, catch_panic, catch_panic_batch, get_opt_time,
-    insert_dead_letters, next_after_ack, row_to_message, write_cursor,
+    insert_dead_letters, messages_in, next_after_ack, write_cursor,
 };
 use crate::backend::{Dialect, query_all};
 use crate::error::{OutboxError, Result};
@@ -100,65 +100,40 @@ impl Partition {
     async fn lock_and_fetch(&self, txn: &DatabaseTransaction) -> Result<Option<Locked>> {
         let d = self.inner.db.dialect;
         let batch = self.queue.batch_size as u64;
-        if d != Dialect::MySql {
-            let rows = query_all(
-                txn,
-                d,
-                &lock_and_fetch_sql(d),
-                vec![Value::from(self.id), Value::from(batch)],
-            )
-            .await?;
-            let Some(r) = rows.first() else {
-                return Ok(None);
-            };
-            let processed: i64 = r.try_get("", "processed_seq")?;
-            let attempts: i64 = r.try_get("", "attempts")?;
-            let retry_at = get_opt_time(r, "retry_at")?;
-            let mut msgs = Vec::with_capacity(rows.len());
-            for r in &rows {
-                if r.try_get::<Option<i64>>("", "seq")?.is_some() {
-                    msgs.push(row_to_message(r, self, processed, attempts)?);
-                }
-            }
-            return Ok(Some(Locked {
-                processed,
-                attempts,
-                retry_at,
-                msgs,
-            }));
-        }
-        let sql = format!(
-            "SELECT processed_seq, attempts, retry_at FROM modkit_outbox_processor \
-             WHERE partition_id = ?{}",
-            d.lock_skip_locked()
-        );
-        let rows = query_all(txn, d, &sql, vec![Value::from(self.id)]).await?;
+        let rows = if d == Dialect::MySql {
+            let sql = format!(
+                "SELECT processed_seq, attempts, retry_at FROM modkit_outbox_processor \
+                 WHERE partition_id = ?{}",
+                d.lock_skip_locked()
+            );
+            query_all(txn, d, &sql, vec![Value::from(self.id)]).await?
+        } else {
+            let args = vec![Value::from(self.id), Value::from(batch)];
+            query_all(txn, d, &lock_and_fetch_sql(d), args).await?
+        };
         let Some(r) = rows.first() else {
             return Ok(None);
         };
         let processed: i64 = r.try_get("", "processed_seq")?;
         let attempts: i64 = r.try_get("", "attempts")?;
         let retry_at = get_opt_time(r, "retry_at")?;
-        let rows = query_all(
-            txn,
-            d,
-            FETCH_SQL,
-            vec![
+        let fetched;
+        let batch_rows = if d == Dialect::MySql {
+            let args = vec![
                 Value::from(self.id),
                 Value::from(processed),
                 Value::from(batch),
-            ],
-        )
-        .await?;
-        let msgs = rows
-            .iter()
-            .map(|r| row_to_message(r, self, processed, attempts))
-            .collect::<Result<_>>()?;
+            ];
+            fetched = query_all(txn, d, FETCH_SQL, args).await?;
+            &fetched
+        } else {
+            &rows
+        };
         Ok(Some(Locked {
             processed,
             attempts,
             retry_at,
-            msgs,
+            msgs: messages_in(batch_rows, self, processed, attempts)?,
         }))
     }
 
