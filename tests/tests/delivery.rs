@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use common::{Recorder, assert_gapless, count, eventually, fast_config, migrate, scalar};
+use common::{
+    Recorder, assert_gapless, count, cursors_reach, eventually, fast_config, migrate, scalar,
+};
 use modkit_outbox::{
     HandlerResult, Message, NewMessage, Outbox, OutboxConfig, Outcome, Partitions, RetryPolicy,
     TransactionalHandler,
@@ -120,6 +122,15 @@ impl TransactionalHandler for Flaky {
 }
 
 async fn transactional_exactly_once(db: TestDb) {
+    exactly_once_with(db, OutboxConfig::default().shared_txn_max_handler_time).await;
+}
+
+/// The same with every partition in a transaction of its own.
+async fn transactional_exactly_once_unshared(db: TestDb) {
+    exactly_once_with(db, Duration::ZERO).await;
+}
+
+async fn exactly_once_with(db: TestDb, share_below: Duration) {
     migrate(&db).await;
     db.conn
         .execute_unprepared(
@@ -134,6 +145,7 @@ async fn transactional_exactly_once(db: TestDb) {
         backoff_base: Duration::from_millis(5),
         backoff_max: Duration::from_millis(20),
     };
+    config.shared_txn_max_handler_time = share_below;
     let handle = Outbox::builder(db.conn.clone())
         .config(config)
         .queue("tx", Partitions::of(4))
@@ -200,6 +212,256 @@ async fn transactional_exactly_once(db: TestDb) {
     assert_eq!(
         count(&db.conn, "modkit_outbox_dead_letters").await,
         rejected.len() as i64
+    );
+}
+
+/// Writes one `effects` row per message and acks; fails every message of `failing_partition`
+/// after writing its row (that row must not survive).
+///
+/// It also tells whether it shares its transaction with another partition's handler: rows of
+/// other partitions that it sees but a separate connection does not are uncommitted writes of
+/// the same transaction (the transaction cannot commit while the handler runs).
+struct Effects {
+    failing_partition: Option<u32>,
+    delay: Duration,
+    outside: sea_orm::DatabaseConnection,
+    running: Arc<AtomicUsize>,
+    most_running: Arc<AtomicUsize>,
+    shared_calls: Arc<AtomicUsize>,
+}
+
+impl Effects {
+    async fn new(db: &TestDb, failing_partition: Option<u32>, delay: Duration) -> Self {
+        Self {
+            failing_partition,
+            delay,
+            outside: db.connect_with_pool(1).await,
+            running: Arc::default(),
+            most_running: Arc::default(),
+            shared_calls: Arc::default(),
+        }
+    }
+}
+
+async fn others_rows(c: &impl ConnectionTrait, part: u32) -> Result<i64, sea_orm::DbErr> {
+    let row = c
+        .query_one_raw(Statement::from_string(
+            c.get_database_backend(),
+            format!("SELECT COUNT(*) AS n FROM effects WHERE part <> {part}"),
+        ))
+        .await?
+        .ok_or_else(|| sea_orm::DbErr::Custom("no count".into()))?;
+    row.try_get("", "n")
+}
+
+#[async_trait]
+impl TransactionalHandler for Effects {
+    async fn handle(&self, txn: &DatabaseTransaction, msg: &Message) -> HandlerResult {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_running.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        txn.execute_raw(Statement::from_string(
+            txn.get_database_backend(),
+            format!(
+                "INSERT INTO effects (message_id, part) VALUES ({}, {})",
+                msg.id, msg.partition
+            ),
+        ))
+        .await?;
+        // Inside first: whatever commits in between only raises the outside count.
+        let inside = others_rows(txn, msg.partition).await?;
+        let outside = others_rows(&self.outside, msg.partition).await?;
+        if inside > outside {
+            self.shared_calls.fetch_add(1, Ordering::SeqCst);
+        }
+        if Some(msg.partition) == self.failing_partition {
+            return Ok(Outcome::Retry("this partition always fails".into()));
+        }
+        Ok(Outcome::Ack)
+    }
+}
+
+async fn effects_table(db: &TestDb) {
+    db.conn
+        .execute_unprepared("CREATE TABLE effects (message_id BIGINT NOT NULL, part INT NOT NULL)")
+        .await
+        .expect("effects table");
+}
+
+/// Enqueues `rounds` producer transactions of one message per partition, waiting `pause`
+/// between them, so each round's sequencer pass wakes every partition at once.
+async fn one_per_partition(outbox: &Outbox, db: &TestDb, partitions: u32, rounds: u32) {
+    for r in 0..rounds {
+        let msgs: Vec<NewMessage> = (0..partitions)
+            .map(|p| NewMessage::new("tx", p, format!("{r}"), "t"))
+            .collect();
+        let txn = db.conn.begin().await.expect("begin");
+        outbox.enqueue_batch(&txn, &msgs).await.expect("enqueue");
+        txn.commit().await.expect("commit");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+/// Fast transactional handlers of partitions woken together share one transaction (a handler
+/// sees another partition's uncommitted write); with sharing off, none do. Either way each
+/// message leaves exactly one effect.
+async fn transactional_partitions_share_a_transaction(db: TestDb) {
+    migrate(&db).await;
+    effects_table(&db).await;
+    // This handler's three statements take about a millisecond (the default limit) in a
+    // debug build on a busy machine: a generous limit keeps it sharing.
+    for share_below in [Duration::from_secs(10), Duration::ZERO] {
+        db.conn
+            .execute_unprepared("DELETE FROM effects")
+            .await
+            .expect("clear");
+        let config = OutboxConfig {
+            shared_txn_max_handler_time: share_below,
+            ..fast_config()
+        };
+        let handler = Effects::new(&db, None, Duration::ZERO).await;
+        let shared_calls = handler.shared_calls.clone();
+        let handle = Outbox::builder(db.conn.clone())
+            .config(config)
+            .queue("tx", Partitions::of(8))
+            .transactional(handler)
+            .start()
+            .await
+            .expect("start");
+        let before = scalar(
+            &db.conn,
+            "SELECT COALESCE(MAX(processed_seq), 0) AS n FROM modkit_outbox_processor",
+        )
+        .await;
+        one_per_partition(&handle.outbox(), &db, 8, 20).await;
+        assert!(
+            cursors_reach(&db.conn, Duration::from_secs(30), before + 20, 8).await,
+            "{:?}: every partition processed its 20 messages",
+            db.backend
+        );
+        handle.stop().await;
+        assert_eq!(
+            count(&db.conn, "effects").await,
+            160,
+            "one effect per message"
+        );
+        assert_eq!(
+            scalar(
+                &db.conn,
+                "SELECT COUNT(DISTINCT message_id) AS n FROM effects"
+            )
+            .await,
+            160
+        );
+        let shared = shared_calls.load(Ordering::SeqCst);
+        if share_below.is_zero() {
+            assert_eq!(
+                shared, 0,
+                "{:?}: sharing off, yet {shared} calls shared a transaction",
+                db.backend
+            );
+        } else {
+            // 20 rounds of 8 partitions woken at once: most calls share.
+            assert!(
+                shared >= 20,
+                "{:?}: only {shared} of 160 calls shared a transaction",
+                db.backend
+            );
+        }
+    }
+}
+
+/// A partition whose handler keeps failing rolls back the shared transaction it was in, but
+/// the other partitions' messages still commit, each exactly once, and the failing one's
+/// writes never survive.
+async fn transactional_failure_spares_other_partitions(db: TestDb) {
+    migrate(&db).await;
+    effects_table(&db).await;
+    let mut config = fast_config();
+    config.retry = RetryPolicy {
+        max_attempts: 1000,
+        backoff_base: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(40),
+    };
+    let handle = Outbox::builder(db.conn.clone())
+        .config(config)
+        .queue("tx", Partitions::of(4))
+        .transactional(Effects::new(&db, Some(0), Duration::ZERO).await)
+        .start()
+        .await
+        .expect("start");
+    one_per_partition(&handle.outbox(), &db, 4, 15).await;
+    assert!(
+        cursors_reach(&db.conn, Duration::from_secs(30), 15, 3).await,
+        "{:?}: partitions 1..3 processed everything",
+        db.backend
+    );
+    // Partition 0 has been retried meanwhile: its cursor never moved, nothing it wrote stayed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    handle.stop().await;
+    assert_eq!(
+        scalar(&db.conn, "SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE processed_seq = 0 AND attempts > 1").await,
+        1,
+        "{:?}: the failing partition is still at its first message, retried",
+        db.backend
+    );
+    assert_eq!(
+        scalar(&db.conn, "SELECT COUNT(*) AS n FROM effects WHERE part = 0").await,
+        0
+    );
+    assert_eq!(count(&db.conn, "effects").await, 45);
+    assert_eq!(
+        scalar(
+            &db.conn,
+            "SELECT COUNT(DISTINCT message_id) AS n FROM effects"
+        )
+        .await,
+        45
+    );
+}
+
+/// A slow transactional handler does not share: after its first call its partitions run in
+/// transactions of their own, in parallel (SQLite has one writer: there they take turns).
+async fn slow_transactional_handlers_run_in_parallel(db: TestDb) {
+    migrate(&db).await;
+    effects_table(&db).await;
+    let handler = Effects::new(&db, None, Duration::from_millis(40)).await;
+    let most_running = handler.most_running.clone();
+    let shared_calls = handler.shared_calls.clone();
+    let handle = Outbox::builder(db.conn.clone())
+        .config(fast_config())
+        .queue("tx", Partitions::of(4))
+        .batch_size(1)
+        .transactional(handler)
+        .start()
+        .await
+        .expect("start");
+    one_per_partition(&handle.outbox(), &db, 4, 4).await;
+    assert!(
+        cursors_reach(&db.conn, Duration::from_secs(30), 4, 4).await,
+        "{:?}: all processed",
+        db.backend
+    );
+    handle.stop().await;
+    assert_eq!(count(&db.conn, "effects").await, 16);
+    let most = most_running.load(Ordering::SeqCst);
+    if db.backend == Backend::Sqlite {
+        assert_eq!(most, 1, "SQLite transactions take turns");
+        return;
+    }
+    assert!(
+        most >= 2,
+        "{:?}: handlers never ran in parallel",
+        db.backend
+    );
+    // Only the first calls (each partition's first message, before any handler time was
+    // known) may have shared a transaction: at most three saw another partition's write.
+    let shared = shared_calls.load(Ordering::SeqCst);
+    assert!(
+        shared <= 3,
+        "{:?}: {shared} slow calls shared a transaction",
+        db.backend
     );
 }
 
@@ -484,6 +746,10 @@ backend_tests!(
     sequencer_notifies_the_lease_holder_elsewhere,
     ordering_under_concurrent_producers,
     transactional_exactly_once,
+    transactional_exactly_once_unshared,
+    transactional_partitions_share_a_transaction,
+    transactional_failure_spares_other_partitions,
+    slow_transactional_handlers_run_in_parallel,
     retries_back_off_then_dead_letter,
     vacuum_empties_tables_after_drain,
     wake_up_is_prompt_without_polling,

@@ -40,6 +40,12 @@ pub const DEFAULT_ORPHAN_MIN_AGE: Duration = Duration::from_secs(3600);
 /// How long `stop()` lets in-flight batches finish before aborting them.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Transactional queues whose handler averages less than this per message let the partitions
+/// woken together share one transaction (one commit instead of one per partition); their
+/// handlers then run one after another in it. A slower handler gets a transaction per
+/// partition, so partitions run in parallel. `Duration::ZERO` turns sharing off.
+pub const DEFAULT_SHARED_TXN_MAX_HANDLER_TIME: Duration = Duration::from_millis(1);
+
 /// Retry policy of a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -103,6 +109,9 @@ pub struct OutboxConfig {
     pub shutdown_timeout: Duration,
     /// Default retry policy of queues that set none.
     pub retry: RetryPolicy,
+    /// Transactional handlers faster than this per message share transactions across
+    /// partitions; `Duration::ZERO` never shares ([`DEFAULT_SHARED_TXN_MAX_HANDLER_TIME`]).
+    pub shared_txn_max_handler_time: Duration,
     /// Lease owner name of this instance; a random unique one when `None`. At most 64 bytes.
     pub instance_id: Option<String>,
 }
@@ -122,6 +131,7 @@ impl Default for OutboxConfig {
             orphan_min_age: DEFAULT_ORPHAN_MIN_AGE,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             retry: RetryPolicy::default(),
+            shared_txn_max_handler_time: DEFAULT_SHARED_TXN_MAX_HANDLER_TIME,
             instance_id: None,
         }
     }

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use sea_orm::Value;
 
@@ -29,6 +31,29 @@ pub(crate) struct QueueInfo {
     pub(crate) handler: Option<QueueHandler>,
     pub(crate) retry: RetryPolicy,
     pub(crate) batch_size: usize,
+    /// The handler's time per message, averaged over recent calls (nanoseconds; 0 before the
+    /// first call). Transactional queues share transactions only while it stays small.
+    handler_nanos: AtomicU64,
+}
+
+impl QueueInfo {
+    /// Folds one handler call into the average (weight 1/8; the first call sets it).
+    pub(crate) fn record_handler_time(&self, took: Duration, msgs: usize) {
+        let per = u64::try_from(took.as_nanos() / msgs.max(1) as u128).unwrap_or(u64::MAX);
+        let old = self.handler_nanos.load(Ordering::Relaxed);
+        // Racing updates from two partitions may lose one sample: it is an estimate.
+        let new = if old == 0 {
+            per.max(1)
+        } else {
+            old - old / 8 + per / 8
+        };
+        self.handler_nanos.store(new, Ordering::Relaxed);
+    }
+
+    /// The handler's recent time per message.
+    pub(crate) fn handler_time(&self) -> Duration {
+        Duration::from_nanos(self.handler_nanos.load(Ordering::Relaxed))
+    }
 }
 
 async fn existing_partitions(db: &Db, queue: &str) -> Result<Vec<(i64, i32)>> {
@@ -119,6 +144,7 @@ pub(crate) async fn register(
             handler: spec.handler,
             retry: spec.retry.unwrap_or(default_retry),
             batch_size: spec.batch_size.unwrap_or(default_batch),
+            handler_nanos: AtomicU64::new(0),
         };
         out.insert(spec.name, Arc::new(info));
     }

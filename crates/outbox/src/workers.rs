@@ -35,16 +35,26 @@ pub(crate) fn spawn_all(outbox: &Outbox, cancel: &CancellationToken, tasks: &mut
         .queues
         .values()
         .any(|q| matches!(q.handler, Some(QueueHandler::Leased(_))));
+    let any_transactional = inner
+        .queues
+        .values()
+        .any(|q| matches!(q.handler, Some(QueueHandler::Transactional(_))));
     // The drivers end once every processor holding them has ended.
     let io = any_leased.then(|| LeasedIo::spawn(&inner, tasks));
+    let shared = (any_transactional && !inner.config.shared_txn_max_handler_time.is_zero())
+        .then(|| crate::processor::shared_txn::spawn(&inner, tasks));
     for q in inner.queues.values() {
         if q.handler.is_none() {
             continue;
         }
         let leased = matches!(q.handler, Some(QueueHandler::Leased(_)));
         for index in 0..q.partitions {
-            let io = if leased { io.clone() } else { None };
-            let p = Partition::new(inner.clone(), q.clone(), index, io);
+            let (io, shared) = if leased {
+                (io.clone(), None)
+            } else {
+                (None, shared.clone())
+            };
+            let p = Partition::new(inner.clone(), q.clone(), index, io, shared);
             tasks.spawn(p.run(cancel.child_token()));
         }
     }

@@ -44,9 +44,9 @@ impl<Req, Res> Clone for Coalescer<Req, Res> {
 }
 
 impl<Req: Send + 'static, Res: Send + 'static> Coalescer<Req, Res> {
-    /// Spawns the driver. `run` gets every queued request (at most [`MAX_IN_LIST`]) and returns
-    /// one answer per request, in order.
-    pub(crate) fn spawn<F, Fut>(tasks: &mut JoinSet<()>, run: F) -> Self
+    /// Spawns the driver. `run` gets every queued request (at most `limit`) and returns one
+    /// answer per request, in order.
+    pub(crate) fn spawn<F, Fut>(tasks: &mut JoinSet<()>, limit: usize, run: F) -> Self
     where
         F: Fn(Vec<Req>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<Res>> + Send,
@@ -57,7 +57,7 @@ impl<Req: Send + 'static, Res: Send + 'static> Coalescer<Req, Res> {
                 // Partitions woken by the same pass are runnable now: let them queue up.
                 tokio::task::yield_now().await;
                 let mut batch = vec![first];
-                while batch.len() < MAX_IN_LIST {
+                while batch.len() < limit {
                     match rx.try_recv() {
                         Ok(e) => batch.push(e),
                         Err(_) => break,
@@ -109,12 +109,12 @@ pub(crate) struct LeasedIo {
 impl LeasedIo {
     pub(crate) fn spawn(inner: &Arc<Inner>, tasks: &mut JoinSet<()>) -> Self {
         let i = inner.clone();
-        let reads = Coalescer::spawn(tasks, move |reqs| {
+        let reads = Coalescer::spawn(tasks, MAX_IN_LIST, move |reqs| {
             let i = i.clone();
             async move { read_many(&i.db, &reqs).await }
         });
         let i = inner.clone();
-        let acks = Coalescer::spawn(tasks, move |reqs| {
+        let acks = Coalescer::spawn(tasks, MAX_IN_LIST, move |reqs| {
             let i = i.clone();
             async move { ack_many(&i, &reqs).await }
         });

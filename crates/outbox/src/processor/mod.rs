@@ -16,6 +16,7 @@
 
 pub(crate) mod coalesce;
 pub(crate) mod lease;
+pub(crate) mod shared_txn;
 pub(crate) mod transactional;
 
 use std::future::Future;
@@ -74,7 +75,7 @@ where
 }
 
 /// What the processor loop does next.
-enum Step {
+pub(crate) enum Step {
     /// Nothing to do until a signal arrives.
     Idle,
     /// More work is waiting: go again now.
@@ -120,7 +121,8 @@ const FETCH_SQL: &str = "SELECT o.seq, b.id, b.payload, b.payload_type, b.header
 
 fn row_to_message(
     r: &sea_orm::QueryResult,
-    p: &Partition,
+    queue: &QueueInfo,
+    index: u32,
     after: i64,
     head_attempts: i64,
 ) -> Result<Message> {
@@ -128,8 +130,8 @@ fn row_to_message(
     let payload: Vec<u8> = r.try_get("", "payload")?;
     Ok(Message {
         id: r.try_get("", "id")?,
-        queue: p.queue.name.clone(),
-        partition: p.index,
+        queue: queue.name.clone(),
+        partition: index,
         seq,
         payload: payload.into(),
         payload_type: r.try_get("", "payload_type")?,
@@ -174,7 +176,7 @@ async fn read_state_and_batch(p: &Partition) -> Result<(State, Vec<Message>)> {
     }
     .map_err(|e| OutboxError::Db(sea_orm::DbErr::Custom(e)))?;
     let st = State::from_first(&rows, p.id)?;
-    let msgs = messages_in(&rows, p, st.processed, st.attempts)?;
+    let msgs = messages_in(&rows, &p.queue, p.index, st.processed, st.attempts)?;
     Ok((st, msgs))
 }
 
@@ -182,14 +184,15 @@ async fn read_state_and_batch(p: &Partition) -> Result<(State, Vec<Message>)> {
 /// nothing to deliver) is skipped.
 fn messages_in(
     rows: &[sea_orm::QueryResult],
-    p: &Partition,
+    queue: &QueueInfo,
+    index: u32,
     after: i64,
     head_attempts: i64,
 ) -> Result<Vec<Message>> {
     let mut msgs = Vec::with_capacity(rows.len());
     for r in rows {
         if r.try_get::<Option<i64>>("", "seq")?.is_some() {
-            msgs.push(row_to_message(r, p, after, head_attempts)?);
+            msgs.push(row_to_message(r, queue, index, after, head_attempts)?);
         }
     }
     Ok(msgs)
@@ -358,6 +361,10 @@ pub(crate) struct Partition {
     lease_expires: DateTime<Utc>,
     /// Coalesced reads and acks (leased queues).
     io: Option<coalesce::LeasedIo>,
+    /// Shared transactions (transactional queues).
+    shared: Option<shared_txn::SharedTxns>,
+    /// The last transactional try saw a message fail: the next one runs alone.
+    txn_failing: bool,
 }
 
 /// The coalescing driver is gone: the engine is stopping.
@@ -393,6 +400,7 @@ impl Partition {
         queue: Arc<QueueInfo>,
         index: u32,
         io: Option<coalesce::LeasedIo>,
+        shared: Option<shared_txn::SharedTxns>,
     ) -> Self {
         let id = queue.partition_ids[index as usize];
         let notify = inner.signals.processor(id);
@@ -405,6 +413,8 @@ impl Partition {
             holds_lease: false,
             lease_expires: DateTime::<Utc>::MIN_UTC,
             io,
+            shared,
+            txn_failing: false,
         }
     }
 

@@ -18,9 +18,10 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use sea_orm::{DatabaseTransaction, TransactionTrait, Value};
 
+use super::shared_txn::{TxnReq, TxnRes};
 use super::{
     FETCH_SQL, Partition, Step, apply, at, catch_panic, catch_panic_batch, get_opt_time,
-    insert_dead_letters, messages_in, next_after_ack, write_cursor,
+    insert_dead_letters, messages_in, next_after_ack, shutting_down, write_cursor,
 };
 use crate::backend::{Dialect, query_all};
 use crate::error::{OutboxError, Result};
@@ -29,6 +30,7 @@ use crate::handler::{
     TxnBroken,
 };
 use crate::message::Message;
+use crate::queues::QueueInfo;
 
 /// A transactional queue's handler, as registered.
 #[derive(Clone)]
@@ -40,7 +42,7 @@ pub(crate) enum TxnHandler {
 }
 
 /// How the first try of a batch ended.
-enum FirstTry {
+pub(super) enum FirstTry {
     /// Every message acknowledged: commit.
     Acked(Vec<HandlerResult>),
     /// Something was not acknowledged: roll back and replay. `known` is the failing message's
@@ -58,11 +60,11 @@ enum Tried {
 }
 
 /// The locked cursor and the batch after it.
-struct Locked {
-    processed: i64,
-    attempts: i64,
-    retry_at: Option<DateTime<Utc>>,
-    msgs: Vec<Message>,
+pub(super) struct Locked {
+    pub(super) processed: i64,
+    pub(super) attempts: i64,
+    pub(super) retry_at: Option<DateTime<Utc>>,
+    pub(super) msgs: Vec<Message>,
 }
 
 /// PostgreSQL/SQLite: lock the cursor row (the CTE is never inlined, so the lock stays on
@@ -86,13 +88,46 @@ impl Partition {
     /// One transactional step: the fast try, and the careful replay when the fast try saw a
     /// message that was not acknowledged.
     pub(super) async fn step_transactional(&mut self, handler: TxnHandler) -> Result<Step> {
+        let limit = self.inner.config.shared_txn_max_handler_time;
+        // A partition whose last try failed retries alone: it would only roll back the
+        // transaction it shared.
+        if let Some(shared) = self
+            .shared
+            .as_ref()
+            .filter(|_| !self.txn_failing && self.queue.handler_time() < limit)
+        {
+            let req = TxnReq {
+                partition_id: self.id,
+                index: self.index,
+                queue: self.queue.clone(),
+                handler: handler.clone(),
+            };
+            let res = shared.call(req).await.ok_or_else(shutting_down)?;
+            match res.map_err(|e| OutboxError::Db(sea_orm::DbErr::Custom(e)))? {
+                TxnRes::Done(step) => return Ok(step),
+                TxnRes::Replay(known) => {
+                    self.txn_failing = true;
+                    return match self.txn_try(&handler, Some(known)).await? {
+                        Tried::Done(step) => Ok(step),
+                        Tried::Replay(_) => Ok(Step::More),
+                    };
+                }
+                TxnRes::Solo => {}
+            }
+        }
         match self.txn_try(&handler, None).await? {
-            Tried::Done(step) => Ok(step),
-            Tried::Replay(known) => match self.txn_try(&handler, Some(known)).await? {
-                Tried::Done(step) => Ok(step),
-                // The careful try never asks for another replay.
-                Tried::Replay(_) => Ok(Step::More),
-            },
+            Tried::Done(step) => {
+                self.txn_failing = false;
+                Ok(step)
+            }
+            Tried::Replay(known) => {
+                self.txn_failing = true;
+                match self.txn_try(&handler, Some(known)).await? {
+                    Tried::Done(step) => Ok(step),
+                    // The careful try never asks for another replay.
+                    Tried::Replay(_) => Ok(Step::More),
+                }
+            }
         }
     }
 
@@ -133,7 +168,7 @@ impl Partition {
             processed,
             attempts,
             retry_at,
-            msgs: messages_in(batch_rows, self, processed, attempts)?,
+            msgs: messages_in(batch_rows, &self.queue, self.index, processed, attempts)?,
         }))
     }
 
@@ -171,7 +206,7 @@ impl Partition {
             return Ok(Tried::Done(Step::Idle));
         }
         let results = match replay {
-            None => match first_try(&w.txn, handler, &msgs).await {
+            None => match first_try(&w.txn, handler, &msgs, &self.queue).await {
                 FirstTry::Acked(r) => r,
                 FirstTry::Replay { known } => {
                     // Everything the handler wrote goes; the replay starts clean.
@@ -218,8 +253,25 @@ impl Partition {
     }
 }
 
-/// The fast try: the handler runs directly in the step's transaction.
-async fn first_try(txn: &DatabaseTransaction, handler: &TxnHandler, msgs: &[Message]) -> FirstTry {
+/// The fast try: the handler runs directly in the step's transaction. Its time goes into the
+/// queue's average (which decides whether the queue shares transactions).
+pub(super) async fn first_try(
+    txn: &DatabaseTransaction,
+    handler: &TxnHandler,
+    msgs: &[Message],
+    queue: &QueueInfo,
+) -> FirstTry {
+    let started = std::time::Instant::now();
+    let tried = first_try_untimed(txn, handler, msgs).await;
+    queue.record_handler_time(started.elapsed(), msgs.len());
+    tried
+}
+
+async fn first_try_untimed(
+    txn: &DatabaseTransaction,
+    handler: &TxnHandler,
+    msgs: &[Message],
+) -> FirstTry {
     match handler {
         TxnHandler::Batch(h) => {
             let results = catch_panic_batch(h.handle_batch(txn, msgs), msgs.len()).await;
