@@ -363,8 +363,9 @@ pub(crate) struct Partition {
     io: Option<coalesce::LeasedIo>,
     /// Shared transactions (transactional queues).
     shared: Option<shared_txn::SharedTxns>,
-    /// The last transactional try saw a message fail: the next one runs alone.
-    txn_failing: bool,
+    /// The next transactional step runs in a transaction of its own (the last one saw a
+    /// message fail, or read a full batch).
+    txn_alone: bool,
 }
 
 /// The coalescing driver is gone: the engine is stopping.
@@ -414,7 +415,7 @@ impl Partition {
             lease_expires: DateTime::<Utc>::MIN_UTC,
             io,
             shared,
-            txn_failing: false,
+            txn_alone: false,
         }
     }
 

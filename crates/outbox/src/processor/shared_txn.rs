@@ -18,6 +18,8 @@
 //!   partition whose message failed replays its batch carefully (`transactional.rs`), reusing
 //!   the result it got; every other partition runs a step of its own. Nothing the rolled-back
 //!   handlers wrote remains, and each message is still committed exactly once.
+//! * A partition whose last step read a full batch (a backlog) runs its next step alone: one
+//!   commit per full batch is cheap, and the partitions' own transactions run in parallel.
 //! * A failure after the handlers ran (the cursor update, the commit) also sends every
 //!   partition to a step of its own, so one partition's handler whose writes cannot commit does
 //!   not hold back the others.

@@ -85,17 +85,26 @@ fn lock_and_fetch_sql(d: Dialect) -> String {
 }
 
 impl Partition {
-    /// One transactional step: the fast try, and the careful replay when the fast try saw a
-    /// message that was not acknowledged.
+    /// One transactional step: the fast try (in a shared transaction when the partition may
+    /// share, see `shared_txn.rs`), and the careful replay when it saw a message that was not
+    /// acknowledged.
     pub(super) async fn step_transactional(&mut self, handler: TxnHandler) -> Result<Step> {
+        let (step, failed) = self.txn_step(handler).await?;
+        // Alone next time after a failure (it would only roll the shared transaction back
+        // again) or a full batch (a backlog: the partitions' own transactions run in parallel,
+        // and one commit per full batch is cheap).
+        self.txn_alone = failed || matches!(step, Step::More);
+        Ok(step)
+    }
+
+    /// The step, and whether a message failed in its fast try.
+    async fn txn_step(&mut self, handler: TxnHandler) -> Result<(Step, bool)> {
         let limit = self.inner.config.shared_txn_max_handler_time;
-        // A partition whose last try failed retries alone: it would only roll back the
-        // transaction it shared.
-        if let Some(shared) = self
+        let shared = self
             .shared
             .as_ref()
-            .filter(|_| !self.txn_failing && self.queue.handler_time() < limit)
-        {
+            .filter(|_| !self.txn_alone && self.queue.handler_time() < limit);
+        if let Some(shared) = shared {
             let req = TxnReq {
                 partition_id: self.id,
                 index: self.index,
@@ -104,30 +113,27 @@ impl Partition {
             };
             let res = shared.call(req).await.ok_or_else(shutting_down)?;
             match res.map_err(|e| OutboxError::Db(sea_orm::DbErr::Custom(e)))? {
-                TxnRes::Done(step) => return Ok(step),
-                TxnRes::Replay(known) => {
-                    self.txn_failing = true;
-                    return match self.txn_try(&handler, Some(known)).await? {
-                        Tried::Done(step) => Ok(step),
-                        Tried::Replay(_) => Ok(Step::More),
-                    };
-                }
+                TxnRes::Done(step) => return Ok((step, false)),
+                TxnRes::Replay(known) => return Ok((self.replay(&handler, known).await?, true)),
                 TxnRes::Solo => {}
             }
         }
         match self.txn_try(&handler, None).await? {
-            Tried::Done(step) => {
-                self.txn_failing = false;
-                Ok(step)
-            }
-            Tried::Replay(known) => {
-                self.txn_failing = true;
-                match self.txn_try(&handler, Some(known)).await? {
-                    Tried::Done(step) => Ok(step),
-                    // The careful try never asks for another replay.
-                    Tried::Replay(_) => Ok(Step::More),
-                }
-            }
+            Tried::Done(step) => Ok((step, false)),
+            Tried::Replay(known) => Ok((self.replay(&handler, known).await?, true)),
+        }
+    }
+
+    /// The careful replay after a fast try that saw a message fail.
+    async fn replay(
+        &mut self,
+        handler: &TxnHandler,
+        known: Option<(i64, HandlerResult)>,
+    ) -> Result<Step> {
+        match self.txn_try(handler, Some(known)).await? {
+            Tried::Done(step) => Ok(step),
+            // The careful try never asks for another replay.
+            Tried::Replay(_) => Ok(Step::More),
         }
     }
 
