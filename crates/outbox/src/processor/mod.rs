@@ -148,7 +148,9 @@ fn row_to_message(
 /// State and the next batch of `n` partitions in one round trip (leased mode; see
 /// [`coalesce`]). Seqs are gapless, so a batch is the range `(processed_seq, processed_seq +
 /// batch_size]`; an idle partition yields one row with no message. Placeholders: the batch
-/// size, then the `n` partition ids.
+/// size, then the `n` partition ids. No `ORDER BY`: the rows are grouped by partition and
+/// sorted by seq in [`messages_in`] (on MariaDB the sort's temporary table cost ~40 % of the
+/// statement's time).
 pub(crate) fn state_and_batch_sql(db: &Db, n: usize) -> String {
     format!(
         "SELECT pr.partition_id AS pid, p.{seq} AS high, pr.processed_seq, pr.attempts, \
@@ -159,7 +161,7 @@ pub(crate) fn state_and_batch_sql(db: &Db, n: usize) -> String {
          LEFT JOIN modkit_outbox_outgoing o ON o.partition_id = pr.partition_id \
            AND o.seq > pr.processed_seq AND o.seq <= pr.processed_seq + ? \
          LEFT JOIN modkit_outbox_body b ON b.id = o.body_id \
-         WHERE pr.partition_id IN ({}) ORDER BY pr.partition_id, o.seq",
+         WHERE pr.partition_id IN ({})",
         crate::backend::placeholders(n),
         seq = db.dialect.q("sequence")
     )
@@ -180,8 +182,8 @@ async fn read_state_and_batch(p: &Partition) -> Result<(State, Vec<Message>)> {
     Ok((st, msgs))
 }
 
-/// The messages among batch rows; a row without `seq` (the `LEFT JOIN` of a partition with
-/// nothing to deliver) is skipped.
+/// The messages among batch rows, in seq order; a row without `seq` (the `LEFT JOIN` of a
+/// partition with nothing to deliver) is skipped.
 fn messages_in(
     rows: &[sea_orm::QueryResult],
     queue: &QueueInfo,
@@ -195,6 +197,7 @@ fn messages_in(
             msgs.push(row_to_message(r, queue, index, after, head_attempts)?);
         }
     }
+    msgs.sort_unstable_by_key(|m| m.seq);
     Ok(msgs)
 }
 
