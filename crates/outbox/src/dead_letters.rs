@@ -693,14 +693,10 @@ impl DeadLetters {
             let n = self
                 .db
                 .exec_write(
-                    &d.delete_using(
+                    &d.delete_ids(
                         "modkit_outbox_dead_letters",
-                        "PRIMARY",
-                        &format!(
-                            "id IN ({}) AND status IN ('replayed', 'resolved', 'discarded') \
-                             AND completed_at < ?",
-                            placeholders(ids.len())
-                        ),
+                        ids.len(),
+                        "status IN ('replayed', 'resolved', 'discarded') AND completed_at < ?",
                     ),
                     vals,
                 )

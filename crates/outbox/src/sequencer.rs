@@ -251,11 +251,7 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
         execute(t, d, &sql, args).await?;
         let mut deleted = 0;
         for chunk in incoming_ids.chunks(MAX_IN_LIST) {
-            let sql = d.delete_using(
-                "modkit_outbox_incoming",
-                "PRIMARY",
-                &format!("id IN ({})", placeholders(chunk.len())),
-            );
+            let sql = d.delete_ids("modkit_outbox_incoming", chunk.len(), "");
             deleted += execute(t, d, &sql, chunk.iter().map(|i| Value::from(*i)).collect()).await?;
         }
         deleted == incoming_ids.len() as u64

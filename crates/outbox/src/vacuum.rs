@@ -164,11 +164,7 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
     )
     .await?;
     for chunk in bodies.chunks(MAX_IN_LIST) {
-        let sql = d.delete_using(
-            "modkit_outbox_body",
-            "PRIMARY",
-            &format!("id IN ({})", placeholders(chunk.len())),
-        );
+        let sql = d.delete_ids("modkit_outbox_body", chunk.len(), "");
         execute(t, d, &sql, chunk.iter().map(|b| Value::from(*b)).collect()).await?;
     }
     let watermarks: Vec<(i64, i64)> = marks.iter().map(|(p, _, high)| (*p, *high)).collect();
@@ -218,11 +214,7 @@ pub(crate) async fn sweep_orphans(inner: &Inner) -> Result<u64> {
         // incoming row by the sequencer), so no re-check (and no locking read) is needed.
         let mut vals: Vec<Value> = ids.iter().map(|i| Value::from(*i)).collect();
         vals.push(d.time(cutoff));
-        let sql = d.delete_using(
-            "modkit_outbox_body",
-            "PRIMARY",
-            &format!("id IN ({}) AND created_at < ?", placeholders(ids.len())),
-        );
+        let sql = d.delete_ids("modkit_outbox_body", ids.len(), "created_at < ?");
         let n = db.exec_write(&sql, vals).await?;
         total += n;
         if n == 0 {

@@ -2,6 +2,7 @@
 //! locking clauses and transactions. Backend-specific statements and extras live in the mirrored
 //! modules `postgres.rs`, `mysql.rs` and `sqlite.rs`.
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -102,18 +103,49 @@ impl Dialect {
         }
     }
 
-    /// `DELETE FROM <table> WHERE <alias-free condition>` that always goes through `index`.
-    ///
-    /// On MySQL/MariaDB the optimizer may scan a small table instead of using the key, and a
-    /// scanning `DELETE` waits on every row another transaction holds (a producer's uncommitted
-    /// insert, another sequencer's rows) while it holds its own locks: deadlocks. The
-    /// multi-table form takes an index hint, so only the addressed rows are touched.
+    /// `DELETE FROM <table> WHERE <alias-free condition>` that goes through `index` where
+    /// the optimizer lets it (ranges of a key). For rows addressed by id, use
+    /// [`Dialect::delete_ids`]: MariaDB plans an id `IN` list on a small table as a full scan
+    /// even with the index hint.
     pub(crate) fn delete_using(self, table: &str, index: &str, condition: &str) -> String {
         match self {
             Dialect::MySql => {
                 format!("DELETE t FROM {table} t FORCE INDEX ({index}) WHERE {condition}")
             }
             _ => format!("DELETE FROM {table} WHERE {condition}"),
+        }
+    }
+
+    /// `DELETE` of the rows of `table` whose primary key `id` is one of `n` placeholders, and
+    /// (when not empty) that also match `extra` (alias-free).
+    ///
+    /// On MySQL/MariaDB an `IN` list is not always a key lookup: on a small table (`incoming`
+    /// at a trickle) MariaDB plans it as a full scan even under `FORCE INDEX (PRIMARY)`, and a
+    /// scanning `DELETE` locks every row it reads and waits on every row another transaction
+    /// holds (a producer's uncommitted insert, another sequencer's rows): stalls and
+    /// deadlocks. There the ids are a derived table that drives the join, so each row is one
+    /// primary-key lookup (`eq_ref`) whatever the table's size (see [`ids_table`]).
+    pub(crate) fn delete_ids(self, table: &str, n: usize, extra: &str) -> String {
+        match self {
+            Dialect::MySql => {
+                let mut sql = format!(
+                    "DELETE t FROM ({}) k STRAIGHT_JOIN {table} t ON t.id = k.id",
+                    ids_table(std::iter::repeat_n("?", n))
+                );
+                if !extra.is_empty() {
+                    sql.push_str(" WHERE ");
+                    sql.push_str(extra);
+                }
+                sql
+            }
+            _ => {
+                let mut sql = format!("DELETE FROM {table} WHERE id IN ({})", placeholders(n));
+                if !extra.is_empty() {
+                    sql.push_str(" AND ");
+                    sql.push_str(extra);
+                }
+                sql
+            }
         }
     }
 
@@ -127,6 +159,21 @@ impl Dialect {
             Dialect::Sqlite => format!("INSERT OR IGNORE INTO {table_and_cols} VALUES {values}"),
         }
     }
+}
+
+/// A derived table of ids for MySQL (`SELECT a AS id UNION ALL SELECT b …`): placeholders or
+/// integers. Portable to MySQL 8 and MariaDB, unlike their two different `VALUES` table
+/// constructors.
+pub(crate) fn ids_table<T: std::fmt::Display>(ids: impl Iterator<Item = T>) -> String {
+    let mut sql = String::new();
+    for (k, id) in ids.enumerate() {
+        if k == 0 {
+            let _ = write!(sql, "SELECT {id} AS id");
+        } else {
+            let _ = write!(sql, " UNION ALL SELECT {id}");
+        }
+    }
+    sql
 }
 
 /// Longest `IN (…)` list the engine sends. MariaDB turns an `IN` list of 1000 or more values

@@ -46,11 +46,12 @@ pub(crate) fn sequence_writes(
             let sep = if k > 0 { ", " } else { "" };
             let _ = write!(sql, "{sep}({pid}, {body}, {seq}, {at})");
         }
-        sql.push_str(
-            "; DELETE t FROM modkit_outbox_incoming t FORCE INDEX (PRIMARY) WHERE id IN (",
+        // Driven by the ids, never a scan (see `Dialect::delete_ids`).
+        let _ = write!(
+            sql,
+            "; DELETE t FROM ({}) k STRAIGHT_JOIN modkit_outbox_incoming t ON t.id = k.id",
+            super::ids_table(ids.iter())
         );
-        push_list(&mut sql, ids.iter());
-        sql.push(')');
         let mut expected = 2 * rows.len() as u64;
         if i + 1 == chunks {
             sql.push_str("; UPDATE modkit_outbox_partitions SET `sequence` = CASE id");
@@ -89,7 +90,8 @@ mod tests {
             b[0].0,
             "INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) VALUES \
              (1, 10, 4, '2026-11-23 06:10:40.123456'), (2, 11, 1, '2026-11-23 06:10:40.123456'); \
-             DELETE t FROM modkit_outbox_incoming t FORCE INDEX (PRIMARY) WHERE id IN (7, 8); \
+             DELETE t FROM (SELECT 7 AS id UNION ALL SELECT 8) k STRAIGHT_JOIN \
+             modkit_outbox_incoming t ON t.id = k.id; \
              UPDATE modkit_outbox_partitions SET `sequence` = CASE id WHEN 1 THEN 4 WHEN 2 THEN 1 \
              END WHERE id IN (1, 2)"
         );
