@@ -105,7 +105,7 @@ pub(crate) async fn pass(inner: &Inner, split: bool, hot: bool) -> Result<PassRe
         _ if !split => 1,
         (_, Some(w)) => w,
         (Dialect::Postgres, None) => crate::config::DEFAULT_SEQUENCER_WORKERS,
-        (Dialect::MySql, None) => 1,
+        (Dialect::MySql, None) => crate::config::DEFAULT_SEQUENCER_WORKERS_MYSQL,
     };
     let per = candidates.len().div_ceil(workers);
     let results = futures::future::join_all(
