@@ -742,7 +742,73 @@ async fn sequencer_notifies_the_lease_holder_elsewhere(db: TestDb) {
     a.stop().await;
 }
 
+/// Two instances process the same queue and one of them sequences the rows: the free leases
+/// go to that one (the other hears of the rows by `NOTIFY` and lets it go first), so delivery
+/// does not hop between instances.
+async fn free_leases_go_to_the_sequencing_instance(db: TestDb) {
+    migrate(&db).await;
+    let config = |id: &str| OutboxConfig {
+        poll_interval: Duration::from_secs(30),
+        instance_id: Some(id.to_owned()),
+        ..fast_config()
+    };
+    let (ra, rb) = (Recorder::default(), Recorder::default());
+    // A warm pool, as in a running service: opening connections (TLS) on a loaded machine can
+    // take longer than B's grace period, and then B rightly steps in.
+    let pool_a = db.connect().await;
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(pool_a.begin().await.expect("warm the pool"));
+    }
+    drop(held);
+    let a = Outbox::builder(pool_a)
+        .config(config("inst-a"))
+        .queue("x", Partitions::of(8))
+        .leased(ra.clone())
+        .start()
+        .await
+        .expect("start A");
+    let b = Outbox::builder(db.connect().await)
+        .config(config("inst-b"))
+        .queue("x", Partitions::of(8))
+        .leased(rb.clone())
+        .start()
+        .await
+        .expect("start B");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for round in 1..=3usize {
+        let msgs: Vec<NewMessage> = (0..8u32)
+            .map(|p| NewMessage::new("x", p, format!("{round}"), "t"))
+            .collect();
+        let txn = db.conn.begin().await.expect("begin");
+        a.outbox()
+            .enqueue_batch(&txn, &msgs)
+            .await
+            .expect("enqueue");
+        txn.commit().await.expect("commit");
+        assert!(
+            ra.wait_for(8 * round, Duration::from_secs(5)).await,
+            "{:?}: round {round} delivered by A ({} by A, {} by B)",
+            db.backend,
+            ra.len(),
+            rb.len()
+        );
+    }
+    assert_eq!(rb.len(), 0, "{:?}: B delivered some", db.backend);
+    assert_eq!(
+        scalar(
+            &db.conn,
+            "SELECT COUNT(*) AS n FROM modkit_outbox_processor WHERE locked_by = 'inst-a'"
+        )
+        .await,
+        8
+    );
+    b.stop().await;
+    a.stop().await;
+}
+
 backend_tests!(
+    free_leases_go_to_the_sequencing_instance,
     sequencer_notifies_the_lease_holder_elsewhere,
     ordering_under_concurrent_producers,
     transactional_exactly_once,

@@ -117,7 +117,8 @@ pub struct OutboxConfig {
     /// Transactional handlers faster than this per message share transactions across
     /// partitions; `Duration::ZERO` never shares ([`DEFAULT_SHARED_TXN_MAX_HANDLER_TIME`]).
     pub shared_txn_max_handler_time: Duration,
-    /// Lease owner name of this instance; a random unique one when `None`. At most 64 bytes.
+    /// Lease owner name of this instance; a random unique one when `None`. At most 64 bytes,
+    /// no control characters.
     pub instance_id: Option<String>,
 }
 
@@ -168,9 +169,9 @@ impl OutboxConfig {
         }
         validate_retry(&self.retry)?;
         if let Some(id) = &self.instance_id
-            && (id.is_empty() || id.len() > 64)
+            && (id.is_empty() || id.len() > 64 || id.chars().any(char::is_control))
         {
-            return bad("instance_id must be 1..=64 bytes");
+            return bad("instance_id must be 1..=64 bytes without control characters");
         }
         Ok(())
     }
@@ -227,5 +228,20 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().is_err());
+        for bad in ["", "a\tb", "x\n"] {
+            let c = OutboxConfig {
+                instance_id: Some(bad.to_owned()),
+                ..Default::default()
+            };
+            assert!(
+                matches!(c.validate(), Err(OutboxError::InvalidConfig(_))),
+                "{bad:?}"
+            );
+        }
+        let c = OutboxConfig {
+            instance_id: Some("api-7:eu".to_owned()),
+            ..Default::default()
+        };
+        assert!(c.validate().is_ok());
     }
 }

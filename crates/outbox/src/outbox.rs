@@ -32,6 +32,10 @@ pub(crate) struct Inner {
     pub(crate) instance_id: String,
     pub(crate) queues: HashMap<String, Arc<QueueInfo>>,
     pub(crate) signals: Arc<Signals>,
+    /// The ids of the partitions this instance processes, as an SQL list (`1, 2, 3`; empty
+    /// when it processes none): a PostgreSQL sequencer pass tells the other instances whether
+    /// a free lease will be taken here.
+    pub(crate) processed_here: String,
 }
 
 /// The outbox: enqueue messages inside your transactions. Cheap to clone, `Send + Sync`.
@@ -294,6 +298,12 @@ impl OutboxBuilder {
                 &uuid::Uuid::new_v4().simple().to_string()[..12]
             )
         });
+        let processed_here = queues
+            .values()
+            .filter(|q| q.handler.is_some())
+            .flat_map(|q| q.partition_ids.iter().map(i64::to_string))
+            .collect::<Vec<_>>()
+            .join(", ");
         Ok(Outbox {
             inner: Arc::new(Inner {
                 db,
@@ -301,6 +311,7 @@ impl OutboxBuilder {
                 instance_id,
                 queues,
                 signals: Arc::new(Signals::default()),
+                processed_here,
             }),
         })
     }

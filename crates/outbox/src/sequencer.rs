@@ -293,7 +293,7 @@ async fn pass_group_postgres(inner: &Inner, ids: &[i64]) -> Result<PassResult> {
         rendered = placeholders(ids.len());
         PassCandidates::Ids(&rendered)
     };
-    let sql = postgres::sequence_pass_sql(which);
+    let sql = postgres::sequence_pass_sql(which, &inner.processed_here);
     let mut args: Vec<Value> = ids.iter().map(|i| Value::from(*i)).collect();
     args.push(Value::from(inner.config.sequencer_batch as i64));
     args.push(Value::from(inner.instance_id.as_str()));
