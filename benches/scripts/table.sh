@@ -15,8 +15,8 @@ for url in "$PG" "$MY" sqlite; do
     run --url "$url" --batch 100 --partitions 64
     run --url "$url" --batch 100 --partitions 8 --mode transactional
     run --url "$url" --batch 1 --partitions 8 --enqueue-only
+    run --url "$url" --batch 1 --partitions 8 --mode transactional
     if [ "$url" != sqlite ]; then
-        run --url "$url" --batch 1 --partitions 8 --mode transactional
         run --url "$url" --batch 100 --partitions 8 --instances 3
         run --url "$url" --batch 1 --partitions 8 --instances 3
     fi
