@@ -688,7 +688,7 @@ impl DeadLetters {
                 .iter()
                 .map(|r| r.try_get::<i64>("", "id"))
                 .collect::<std::result::Result<_, _>>()?;
-            let mut vals: Vec<Value> = ids.iter().map(|i| Value::from(*i)).collect();
+            let mut vals = d.list_args(&ids);
             vals.push(d.time(cutoff));
             let n = self
                 .db

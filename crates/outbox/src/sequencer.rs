@@ -246,13 +246,18 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
             }
             execute(t, d, &sql, args).await?;
         }
-        let (sql, args) =
-            update_per_key("modkit_outbox_partitions", "id", &d.q("sequence"), &new_seq);
+        let (sql, args) = update_per_key(
+            d,
+            "modkit_outbox_partitions",
+            "id",
+            &d.q("sequence"),
+            &new_seq,
+        );
         execute(t, d, &sql, args).await?;
         let mut deleted = 0;
         for chunk in incoming_ids.chunks(MAX_IN_LIST) {
             let sql = d.delete_ids("modkit_outbox_incoming", chunk.len(), "");
-            deleted += execute(t, d, &sql, chunk.iter().map(|i| Value::from(*i)).collect()).await?;
+            deleted += execute(t, d, &sql, d.list_args(chunk)).await?;
         }
         deleted == incoming_ids.len() as u64
     };
@@ -286,15 +291,17 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
 /// on the given partitions, or (`ids` empty) on whichever have incoming rows.
 async fn pass_group_postgres(inner: &Inner, ids: &[i64]) -> Result<PassResult> {
     let db = &inner.db;
-    let rendered;
     let which = if ids.is_empty() {
         PassCandidates::Probe(MAX_PARTITIONS_PER_PASS)
     } else {
-        rendered = placeholders(ids.len());
-        PassCandidates::Ids(&rendered)
+        PassCandidates::Ids
     };
     let sql = postgres::sequence_pass_sql(which, &inner.processed_here);
-    let mut args: Vec<Value> = ids.iter().map(|i| Value::from(*i)).collect();
+    let mut args: Vec<Value> = if ids.is_empty() {
+        Vec::new()
+    } else {
+        Dialect::Postgres.list_args(ids)
+    };
     args.push(Value::from(inner.config.sequencer_batch as i64));
     args.push(Value::from(inner.instance_id.as_str()));
     args.push(Value::from(inner.instance_id.as_str()));

@@ -17,11 +17,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::Value;
+use sea_orm::{DatabaseTransaction, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{MAX_IN_LIST, execute, placeholders, query_all, update_per_key};
+use crate::backend::{Dialect, MAX_IN_LIST, execute, postgres, query_all, update_per_key};
 use crate::error::Result;
 use crate::outbox::Inner;
 
@@ -74,20 +74,16 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
     let t = &w.txn;
     let lock = format!(
         "SELECT partition_id, counter FROM modkit_outbox_vacuum_counter \
-         WHERE partition_id IN ({}) ORDER BY partition_id{}",
-        placeholders(parts.len()),
+         WHERE {} ORDER BY partition_id{}",
+        d.in_list("partition_id", parts.len()),
         d.lock_skip_locked()
     );
-    let locked: HashMap<i64, i64> = query_all(
-        t,
-        d,
-        &lock,
-        parts.iter().map(|(p, _)| Value::from(*p)).collect(),
-    )
-    .await?
-    .iter()
-    .map(|r| Ok((r.try_get("", "partition_id")?, r.try_get("", "counter")?)))
-    .collect::<std::result::Result<_, sea_orm::DbErr>>()?;
+    let ids: Vec<i64> = parts.iter().map(|(p, _)| *p).collect();
+    let locked: HashMap<i64, i64> = query_all(t, d, &lock, d.list_args(&ids))
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("", "partition_id")?, r.try_get("", "counter")?)))
+        .collect::<std::result::Result<_, sea_orm::DbErr>>()?;
     // (partition, counter, processed) of the partitions this transaction works on.
     let todo: Vec<(i64, i64, i64)> = parts
         .iter()
@@ -102,8 +98,43 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
         w.rollback().await?;
         return Ok((0, Vec::new()));
     }
-    // Oldest processed rows first, per partition, in one statement.
     let limit = inner.config.vacuum_chunk.div_ceil(todo.len()).max(1);
+    let (deleted, bodies, marks, unfinished) = if d == Dialect::Postgres {
+        delete_windows_postgres(t, &todo, limit).await?
+    } else {
+        delete_windows(t, d, &todo, limit).await?
+    };
+    for chunk in bodies.chunks(MAX_IN_LIST) {
+        let sql = d.delete_ids("modkit_outbox_body", chunk.len(), "");
+        execute(t, d, &sql, d.list_args(chunk)).await?;
+    }
+    let watermarks: Vec<(i64, i64)> = marks.iter().map(|(p, _, high)| (*p, *high)).collect();
+    let (sql, args) = update_per_key(
+        d,
+        "modkit_outbox_vacuum_counter",
+        "partition_id",
+        "counter",
+        &watermarks,
+    );
+    execute(t, d, &sql, args).await?;
+    w.commit().await?;
+    tracing::debug!(partitions = marks.len(), deleted, "vacuumed");
+    Ok((deleted, unfinished))
+}
+
+/// What one chunk deleted from `outgoing`: the rows, their bodies, each partition's
+/// `(partition, counter, new watermark)`, and the partitions with processed rows left.
+type Windows = (u64, Vec<i64>, Vec<(i64, i64, i64)>, Vec<(i64, i64)>);
+
+/// MySQL/SQLite: read each partition's oldest `limit` processed rows (one statement), then
+/// delete them by `(partition_id, seq)` ranges. `todo`: `(partition, counter, processed)`.
+async fn delete_windows(
+    t: &DatabaseTransaction,
+    d: Dialect,
+    todo: &[(i64, i64, i64)],
+    limit: usize,
+) -> Result<Windows> {
+    // Oldest processed rows first, per partition, in one statement.
     let read = (0..todo.len())
         .map(|i| {
             format!(
@@ -114,7 +145,7 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
         .collect::<Vec<_>>()
         .join(" UNION ALL ");
     let mut args = Vec::with_capacity(4 * todo.len());
-    for (p, counter, processed) in &todo {
+    for (p, counter, processed) in todo {
         args.extend([
             Value::from(*p),
             Value::from(*counter),
@@ -137,7 +168,7 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
     // deleted by hand).
     let mut marks: Vec<(i64, i64, i64)> = Vec::with_capacity(todo.len());
     let mut unfinished = Vec::new();
-    for (p, counter, processed) in &todo {
+    for (p, counter, processed) in todo {
         let high = match read_per.get(p) {
             Some((n, last)) if *n >= limit => {
                 unfinished.push((*p, *processed));
@@ -163,21 +194,37 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
         args,
     )
     .await?;
-    for chunk in bodies.chunks(MAX_IN_LIST) {
-        let sql = d.delete_ids("modkit_outbox_body", chunk.len(), "");
-        execute(t, d, &sql, chunk.iter().map(|b| Value::from(*b)).collect()).await?;
+    Ok((deleted, bodies, marks, unfinished))
+}
+
+/// PostgreSQL: one `DELETE … RETURNING` of every partition's window, the ranges bound as
+/// arrays (a statement whose text does not change with the number of partitions, so it is
+/// prepared and planned once per connection). Seqs are gapless, so a partition's oldest
+/// `limit` processed rows are exactly `(counter, min(processed, counter + limit)]`.
+async fn delete_windows_postgres(
+    t: &DatabaseTransaction,
+    todo: &[(i64, i64, i64)],
+    limit: usize,
+) -> Result<Windows> {
+    let d = Dialect::Postgres;
+    let mut marks = Vec::with_capacity(todo.len());
+    let mut unfinished = Vec::new();
+    for (p, counter, processed) in todo {
+        let high = (*processed).min(counter.saturating_add(limit as i64));
+        if high < *processed {
+            unfinished.push((*p, *processed));
+        }
+        marks.push((*p, *counter, high));
     }
-    let watermarks: Vec<(i64, i64)> = marks.iter().map(|(p, _, high)| (*p, *high)).collect();
-    let (sql, args) = update_per_key(
-        "modkit_outbox_vacuum_counter",
-        "partition_id",
-        "counter",
-        &watermarks,
-    );
-    execute(t, d, &sql, args).await?;
-    w.commit().await?;
-    tracing::debug!(partitions = marks.len(), deleted, "vacuumed");
-    Ok((deleted, unfinished))
+    let column =
+        |f: fn(&(i64, i64, i64)) -> i64| Value::from(marks.iter().map(f).collect::<Vec<i64>>());
+    let args = vec![column(|m| m.0), column(|m| m.1), column(|m| m.2)];
+    let bodies = query_all(t, d, postgres::VACUUM_WINDOWS, args)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<i64>("", "body_id"))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok((bodies.len() as u64, bodies, marks, unfinished))
 }
 
 /// Deletes bodies that no incoming or outgoing row references and that are older than
@@ -212,7 +259,7 @@ pub(crate) async fn sweep_orphans(inner: &Inner) -> Result<u64> {
         // By primary key only: a body older than `orphan_min_age` with no reference cannot
         // gain one (a reference is only ever written with a new body, or copied from an
         // incoming row by the sequencer), so no re-check (and no locking read) is needed.
-        let mut vals: Vec<Value> = ids.iter().map(|i| Value::from(*i)).collect();
+        let mut vals = d.list_args(&ids);
         vals.push(d.time(cutoff));
         let sql = d.delete_ids("modkit_outbox_body", ids.len(), "created_at < ?");
         let n = db.exec_write(&sql, vals).await?;

@@ -116,8 +116,9 @@ impl Dialect {
         }
     }
 
-    /// `DELETE` of the rows of `table` whose primary key `id` is one of `n` placeholders, and
-    /// (when not empty) that also match `extra` (alias-free).
+    /// `DELETE` of the rows of `table` whose primary key `id` is one of `n` ids (arguments:
+    /// [`Dialect::list_args`], then those of `extra`), and (when not empty) that also match
+    /// `extra` (alias-free).
     ///
     /// On MySQL/MariaDB an `IN` list is not always a key lookup: on a small table (`incoming`
     /// at a trickle) MariaDB plans it as a full scan even under `FORCE INDEX (PRIMARY)`, and a
@@ -139,13 +140,36 @@ impl Dialect {
                 sql
             }
             _ => {
-                let mut sql = format!("DELETE FROM {table} WHERE id IN ({})", placeholders(n));
+                let mut sql = format!("DELETE FROM {table} WHERE {}", self.in_list("id", n));
                 if !extra.is_empty() {
                     sql.push_str(" AND ");
                     sql.push_str(extra);
                 }
                 sql
             }
+        }
+    }
+
+    /// `column IN (…)` for a list of `n` ids; its arguments come from [`Dialect::list_args`].
+    ///
+    /// PostgreSQL binds the whole list as one array (`column = ANY(?)`), so the statement's
+    /// text, prepared statement and plan do not depend on `n`. A list whose length changes from
+    /// call to call (the partitions one pass woke, the bodies one vacuum run found) is
+    /// otherwise a new statement for every length: parsed, prepared (one more round trip) and
+    /// planned again on every connection, and it evicts the connection's other cached
+    /// statements.
+    pub(crate) fn in_list(self, column: &str, n: usize) -> String {
+        match self {
+            Dialect::Postgres => format!("{column} = ANY(?)"),
+            _ => format!("{column} IN ({})", placeholders(n)),
+        }
+    }
+
+    /// The arguments of [`Dialect::in_list`] (and [`Dialect::delete_ids`]).
+    pub(crate) fn list_args(self, ids: &[i64]) -> Vec<Value> {
+        match self {
+            Dialect::Postgres => vec![Value::from(ids.to_vec())],
+            _ => ids.iter().map(|id| Value::from(*id)).collect(),
         }
     }
 
@@ -195,13 +219,25 @@ pub(crate) fn placeholders(n: usize) -> String {
 }
 
 /// `UPDATE table SET column = CASE key WHEN ? THEN ? … END WHERE key IN (…)`: a different value
-/// per key in one statement (keys and values are the `(key, value)` pairs, in order).
+/// per key in one statement (keys and values are the `(key, value)` pairs, in order). On
+/// PostgreSQL the pairs are two arrays joined through `unnest`: one statement text whatever
+/// their number (see [`Dialect::in_list`]).
 pub(crate) fn update_per_key(
+    d: Dialect,
     table: &str,
     key: &str,
     column: &str,
     pairs: &[(i64, i64)],
 ) -> (String, Vec<Value>) {
+    if d == Dialect::Postgres {
+        let sql = format!(
+            "UPDATE {table} t SET {column} = w.v FROM unnest(CAST(? AS BIGINT[]), \
+             CAST(? AS BIGINT[])) AS w(k, v) WHERE t.{key} = w.k"
+        );
+        let keys: Vec<i64> = pairs.iter().map(|(k, _)| *k).collect();
+        let values: Vec<i64> = pairs.iter().map(|(_, v)| *v).collect();
+        return (sql, vec![Value::from(keys), Value::from(values)]);
+    }
     let sql = format!(
         "UPDATE {table} SET {column} = CASE {key} {} END WHERE {key} IN ({})",
         vec!["WHEN ? THEN ?"; pairs.len()].join(" "),

@@ -104,16 +104,16 @@ pub(crate) const ENQUEUE_ONE: &str = "WITH b AS (\
 ///
 /// Every row carries `locked_n`/`cand_n` as NULL except the last, which reports how many
 /// partitions were locked and (probe form) how many had incoming rows: fewer locked than found
-/// means another sequencer held some. Placeholders: the candidate ids (ids form), then the
+/// means another sequencer held some. Placeholders: the candidate ids array (ids form), then the
 /// per-partition limit, then the instance id twice.
-pub(crate) fn sequence_pass_sql(c: PassCandidates<'_>, processed_here: &str) -> String {
+pub(crate) fn sequence_pass_sql(c: PassCandidates, processed_here: &str) -> String {
     let ours = if processed_here.is_empty() {
         String::new()
     } else {
         format!("WHEN tops.partition_id IN ({processed_here}) THEN '' ")
     };
     let (cand, filter, cand_n) = match c {
-        PassCandidates::Ids(ids) => (String::new(), format!("id IN ({ids})"), "NULL::bigint"),
+        PassCandidates::Ids => (String::new(), "id = ANY(?)".to_owned(), "NULL::bigint"),
         PassCandidates::Probe(limit) => (
             format!(
                 "cand AS MATERIALIZED ( \
@@ -164,9 +164,9 @@ pub(crate) fn sequence_pass_sql(c: PassCandidates<'_>, processed_here: &str) -> 
 
 /// Which partitions a sequencer pass statement works on.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum PassCandidates<'a> {
-    /// These ids (`?, ?, …` placeholders), found by a separate probe.
-    Ids(&'a str),
+pub(crate) enum PassCandidates {
+    /// The ids bound as one array (found by a separate probe).
+    Ids,
     /// Whichever partitions have incoming rows, at most this many.
     Probe(usize),
 }
@@ -257,6 +257,13 @@ pub(crate) async fn listen(
         }
     }
 }
+
+/// Vacuum: deletes every locked partition's window of processed `outgoing` rows and returns
+/// their bodies. Placeholders: three arrays of partition ids, exclusive lower and inclusive
+/// upper seqs (one statement text for any number of partitions).
+pub(crate) const VACUUM_WINDOWS: &str = "DELETE FROM modkit_outbox_outgoing o \
+     USING unnest(CAST(? AS BIGINT[]), CAST(? AS BIGINT[]), CAST(? AS BIGINT[])) AS w(pid, lo, hi) \
+     WHERE o.partition_id = w.pid AND o.seq > w.lo AND o.seq <= w.hi RETURNING o.body_id";
 
 #[cfg(test)]
 mod tests {

@@ -20,7 +20,6 @@ use sea_orm::{QueryResult, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::lease;
 use crate::backend::{Db, Dialect, MAX_IN_LIST, execute, placeholders, postgres, query_all};
 use crate::outbox::Inner;
 
@@ -133,7 +132,7 @@ pub(crate) async fn read_many(db: &Db, reqs: &[ReadReq]) -> Vec<ReadRes> {
     for (limit, pids) in by_limit {
         let sql = super::state_and_batch_sql(db, pids.len());
         let mut args = vec![Value::from(limit as i64)];
-        args.extend(pids.iter().map(|p| Value::from(*p)));
+        args.extend(db.dialect.list_args(&pids));
         match db.query_all(&sql, args).await {
             Ok(rows) => {
                 for r in rows {
@@ -180,26 +179,11 @@ async fn ack_statement(
     // One expiry for all: the earliest asked for, so no processor believes in a longer lease
     // than the one written.
     let until = reqs.iter().map(|r| r.until).min().unwrap_or_else(Utc::now);
-    let case = vec!["WHEN ? THEN ?"; reqs.len()].join(" ");
-    let mut sql = format!(
-        "UPDATE modkit_outbox_processor SET processed_seq = CASE partition_id {case} END, \
-         attempts = 0, last_error = NULL, retry_at = NULL, locked_until = ? \
-         WHERE partition_id IN ({}) AND processed_seq = CASE partition_id {case} END{}",
-        placeholders(reqs.len()),
-        lease::ACK_GUARD,
-    );
-    let mut args = Vec::with_capacity(5 * reqs.len() + 2);
-    for r in reqs {
-        args.push(Value::from(r.partition_id));
-        args.push(Value::from(r.to));
-    }
-    args.push(d.time(until));
-    args.extend(reqs.iter().map(|r| Value::from(r.partition_id)));
-    for r in reqs {
-        args.push(Value::from(r.partition_id));
-        args.push(Value::from(r.from));
-    }
-    args.push(Value::from(me));
+    let moves: Vec<super::CursorMove> = reqs
+        .iter()
+        .map(|r| (r.partition_id, r.from, r.to))
+        .collect();
+    let (mut sql, args) = super::cursor_moves(d, &moves, Some((d.time(until), me)));
     if d == Dialect::Postgres {
         // A lost leased ack only means a redelivery: skip the WAL flush.
         sql.push_str(postgres::ASYNC_COMMIT_CONDITION);

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backend::{Db, execute, get_opt_time, get_time};
+use crate::backend::{Db, Dialect, execute, get_opt_time, get_time};
 use crate::error::{OutboxError, Result};
 use crate::handler::{HandlerResult, Outcome, QueueHandler};
 use crate::message::{Message, decode_headers};
@@ -115,10 +115,6 @@ impl State {
     }
 }
 
-const FETCH_SQL: &str = "SELECT o.seq, b.id, b.payload, b.payload_type, b.headers, b.created_at \
-     FROM modkit_outbox_outgoing o JOIN modkit_outbox_body b ON b.id = o.body_id \
-     WHERE o.partition_id = ? AND o.seq > ? ORDER BY o.seq LIMIT ?";
-
 fn row_to_message(
     r: &sea_orm::QueryResult,
     queue: &QueueInfo,
@@ -161,8 +157,8 @@ pub(crate) fn state_and_batch_sql(db: &Db, n: usize) -> String {
          LEFT JOIN modkit_outbox_outgoing o ON o.partition_id = pr.partition_id \
            AND o.seq > pr.processed_seq AND o.seq <= pr.processed_seq + ? \
          LEFT JOIN modkit_outbox_body b ON b.id = o.body_id \
-         WHERE pr.partition_id IN ({})",
-        crate::backend::placeholders(n),
+         WHERE {}",
+        db.dialect.in_list("pr.partition_id", n),
         seq = db.dialect.q("sequence")
     )
 }
@@ -350,6 +346,64 @@ async fn write_cursor<C: ConnectionTrait>(
         sql.push_str(crate::backend::postgres::ASYNC_COMMIT_CONDITION);
     }
     Ok(execute(c, d, &sql, args).await? == 1)
+}
+
+/// A clean cursor move of one partition: `(partition id, from, to)`.
+pub(crate) type CursorMove = (i64, i64, i64);
+
+/// One `UPDATE` that moves several cursors, each only from the position it was read at
+/// (attempts and errors reset). `lease`: also write `locked_until` and require the holder
+/// (leased acks). Used by the coalesced ack and the shared transactional step. On PostgreSQL
+/// the moves are three arrays joined through `unnest` (one statement text for any number).
+fn cursor_moves(
+    d: Dialect,
+    moves: &[CursorMove],
+    lease: Option<(Value, &str)>,
+) -> (String, Vec<Value>) {
+    let until = if lease.is_some() {
+        ", locked_until = ?"
+    } else {
+        ""
+    };
+    let guard = if lease.is_some() {
+        lease::ACK_GUARD
+    } else {
+        ""
+    };
+    let (lease_until, holder) = lease.unzip();
+    let mut args = Vec::with_capacity(5 * moves.len() + 2);
+    let sql = if d == Dialect::Postgres {
+        let column =
+            |f: fn(&CursorMove) -> i64| Value::from(moves.iter().map(f).collect::<Vec<_>>());
+        args.extend(lease_until);
+        args.extend([column(|m| m.0), column(|m| m.1), column(|m| m.2)]);
+        format!(
+            "UPDATE modkit_outbox_processor SET processed_seq = w.to_seq, attempts = 0, \
+             last_error = NULL, retry_at = NULL{until} FROM unnest(CAST(? AS BIGINT[]), \
+             CAST(? AS BIGINT[]), CAST(? AS BIGINT[])) AS w(pid, from_seq, to_seq) \
+             WHERE partition_id = w.pid AND processed_seq = w.from_seq{guard}"
+        )
+    } else {
+        for (pid, _, to) in moves {
+            args.push(Value::from(*pid));
+            args.push(Value::from(*to));
+        }
+        args.extend(lease_until);
+        args.extend(moves.iter().map(|(pid, _, _)| Value::from(*pid)));
+        for (pid, from, _) in moves {
+            args.push(Value::from(*pid));
+            args.push(Value::from(*from));
+        }
+        let case = vec!["WHEN ? THEN ?"; moves.len()].join(" ");
+        format!(
+            "UPDATE modkit_outbox_processor SET processed_seq = CASE partition_id {case} END, \
+             attempts = 0, last_error = NULL, retry_at = NULL{until} \
+             WHERE partition_id IN ({ids}) AND processed_seq = CASE partition_id {case} END{guard}",
+            ids = crate::backend::placeholders(moves.len()),
+        )
+    };
+    args.extend(holder.map(Value::from));
+    (sql, args)
 }
 
 /// One partition's processor.

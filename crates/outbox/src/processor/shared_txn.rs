@@ -24,17 +24,16 @@
 //!   partition to a step of its own, so one partition's handler whose writes cannot commit does
 //!   not hold back the others.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::Utc;
-use sea_orm::{DatabaseTransaction, QueryResult, Value};
+use sea_orm::DatabaseTransaction;
 use tokio::task::JoinSet;
 
 use super::coalesce::{Coalescer, Shared};
-use super::transactional::{FirstTry, Locked, TxnHandler, first_try};
-use super::{Step, at, get_opt_time, messages_in};
-use crate::backend::{Dialect, execute, placeholders, query_all};
+use super::transactional::{FirstTry, Locked, TxnHandler, first_try, lock_and_fetch};
+use super::{CursorMove, Step, at, cursor_moves};
+use crate::backend::{Dialect, execute};
 use crate::error::Result;
 use crate::handler::HandlerResult;
 use crate::outbox::Inner;
@@ -85,143 +84,10 @@ async fn run(inner: &Inner, reqs: Vec<TxnReq>) -> Vec<Shared<TxnRes>> {
     }
 }
 
-/// PostgreSQL/SQLite: lock the cursor rows that are free and read each one's batch, in one
-/// statement (see `transactional.rs` for the one-partition form). Placeholders: the partition
-/// ids, then a `WHEN id THEN batch size` pair per partition.
-fn lock_and_fetch_sql(d: Dialect, n: usize) -> String {
-    format!(
-        "WITH pr AS (SELECT partition_id, processed_seq, attempts, retry_at \
-         FROM modkit_outbox_processor WHERE partition_id IN ({ids}){lock}) \
-         SELECT pr.partition_id AS pid, pr.processed_seq, pr.attempts, pr.retry_at, o.seq, \
-         b.id, b.payload, b.payload_type, b.headers, b.created_at FROM pr \
-         LEFT JOIN modkit_outbox_outgoing o ON o.partition_id = pr.partition_id \
-           AND o.seq > pr.processed_seq \
-           AND o.seq <= pr.processed_seq + CASE pr.partition_id {case} END \
-         LEFT JOIN modkit_outbox_body b ON b.id = o.body_id ORDER BY pr.partition_id, o.seq",
-        ids = placeholders(n),
-        case = vec!["WHEN ? THEN ?"; n].join(" "),
-        lock = d.lock_skip_locked()
-    )
-}
-
-/// The rows of each partition that was locked, by partition id.
-async fn lock_and_fetch(
-    txn: &DatabaseTransaction,
-    d: Dialect,
-    reqs: &[TxnReq],
-) -> Result<HashMap<i64, Vec<QueryResult>>> {
-    let ids = || reqs.iter().map(|r| Value::from(r.partition_id));
-    let mut rows_of: HashMap<i64, Vec<QueryResult>> = HashMap::new();
-    if d != Dialect::MySql {
-        let mut args: Vec<Value> = ids().collect();
-        for r in reqs {
-            args.push(Value::from(r.partition_id));
-            args.push(Value::from(r.queue.batch_size as i64));
-        }
-        for row in query_all(txn, d, &lock_and_fetch_sql(d, reqs.len()), args).await? {
-            rows_of
-                .entry(row.try_get("", "pid")?)
-                .or_default()
-                .push(row);
-        }
-        return Ok(rows_of);
-    }
-    // MySQL: the lock alone (MariaDB cannot confine a join's lock to one table), then the
-    // batches of the partitions it got, each a range of the `(partition_id, seq)` key.
-    let sql = format!(
-        "SELECT partition_id AS pid, processed_seq, attempts, retry_at \
-         FROM modkit_outbox_processor WHERE partition_id IN ({}){}",
-        placeholders(reqs.len()),
-        d.lock_skip_locked()
-    );
-    let locked = query_all(txn, d, &sql, ids().collect()).await?;
-    let batch_of: HashMap<i64, i64> = reqs
-        .iter()
-        .map(|r| (r.partition_id, r.queue.batch_size as i64))
-        .collect();
-    let mut ranges = Vec::with_capacity(locked.len());
-    let mut args = Vec::with_capacity(3 * locked.len());
-    for row in &locked {
-        let pid: i64 = row.try_get("", "pid")?;
-        let processed: i64 = row.try_get("", "processed_seq")?;
-        if get_opt_time(row, "retry_at")?.is_none_or(|t| t <= Utc::now()) {
-            ranges.push("(o.partition_id = ? AND o.seq > ? AND o.seq <= ?)");
-            args.push(Value::from(pid));
-            args.push(Value::from(processed));
-            args.push(Value::from(
-                processed.saturating_add(batch_of.get(&pid).copied().unwrap_or(1)),
-            ));
-        }
-    }
-    let mut batches: HashMap<i64, Vec<QueryResult>> = HashMap::new();
-    if !ranges.is_empty() {
-        let sql = format!(
-            "SELECT o.partition_id AS pid, o.seq, b.id, b.payload, b.payload_type, b.headers, \
-             b.created_at FROM modkit_outbox_outgoing o \
-             JOIN modkit_outbox_body b ON b.id = o.body_id \
-             WHERE {} ORDER BY o.partition_id, o.seq",
-            ranges.join(" OR ")
-        );
-        for row in query_all(txn, d, &sql, args).await? {
-            batches
-                .entry(row.try_get("", "pid")?)
-                .or_default()
-                .push(row);
-        }
-    }
-    for row in locked {
-        let pid: i64 = row.try_get("", "pid")?;
-        let mut rows = vec![row];
-        rows.extend(batches.remove(&pid).unwrap_or_default());
-        rows_of.insert(pid, rows);
-    }
-    Ok(rows_of)
-}
-
-/// The cursor state (first row) and the messages of one partition's rows.
-fn parse(rows: &[QueryResult], req: &TxnReq) -> Result<Locked> {
-    let Some(r) = rows.first() else {
-        return Err(crate::error::OutboxError::Db(
-            sea_orm::DbErr::RecordNotFound(format!(
-                "processor row of partition {}",
-                req.partition_id
-            )),
-        ));
-    };
-    let processed: i64 = r.try_get("", "processed_seq")?;
-    let attempts: i64 = r.try_get("", "attempts")?;
-    Ok(Locked {
-        processed,
-        attempts,
-        retry_at: get_opt_time(r, "retry_at")?,
-        msgs: messages_in(rows, &req.queue, req.index, processed, attempts)?,
-    })
-}
-
 /// Moves every cursor of a fully acknowledged shared step: one guarded `UPDATE`. Returns the
 /// rows it changed (all of them: the rows are locked by this transaction).
-async fn write_cursors(
-    txn: &DatabaseTransaction,
-    d: Dialect,
-    moves: &[(i64, i64, i64)],
-) -> Result<u64> {
-    let case = vec!["WHEN ? THEN ?"; moves.len()].join(" ");
-    let sql = format!(
-        "UPDATE modkit_outbox_processor SET processed_seq = CASE partition_id {case} END, \
-         attempts = 0, last_error = NULL, retry_at = NULL \
-         WHERE partition_id IN ({}) AND processed_seq = CASE partition_id {case} END",
-        placeholders(moves.len()),
-    );
-    let mut args = Vec::with_capacity(5 * moves.len());
-    for (pid, _, to) in moves {
-        args.push(Value::from(*pid));
-        args.push(Value::from(*to));
-    }
-    args.extend(moves.iter().map(|(pid, _, _)| Value::from(*pid)));
-    for (pid, from, _) in moves {
-        args.push(Value::from(*pid));
-        args.push(Value::from(*from));
-    }
+async fn write_cursors(txn: &DatabaseTransaction, d: Dialect, moves: &[CursorMove]) -> Result<u64> {
+    let (sql, args) = cursor_moves(d, moves, None);
     Ok(execute(txn, d, &sql, args).await?)
 }
 
@@ -230,7 +96,11 @@ async fn shared_step(inner: &Inner, reqs: &[TxnReq]) -> Result<Vec<TxnRes>> {
     let db = &inner.db;
     let d = db.dialect;
     let w = db.begin_write().await?;
-    let mut rows_of = match lock_and_fetch(&w.txn, d, reqs).await {
+    let parts: Vec<(i64, usize)> = reqs
+        .iter()
+        .map(|r| (r.partition_id, r.queue.batch_size))
+        .collect();
+    let mut rows_of = match lock_and_fetch(&w.txn, d, &parts).await {
         Ok(r) => r,
         Err(e) => {
             drop(w);
@@ -250,7 +120,7 @@ async fn shared_step(inner: &Inner, reqs: &[TxnReq]) -> Result<Vec<TxnRes>> {
             )));
             continue;
         };
-        let locked = match parse(&rows, req) {
+        let locked = match Locked::from_rows(&rows, &req.queue, req.index) {
             Ok(l) => l,
             Err(e) => {
                 drop(w);
@@ -291,7 +161,7 @@ async fn shared_step(inner: &Inner, reqs: &[TxnReq]) -> Result<Vec<TxnRes>> {
             false
         }
         None => {
-            let moves: Vec<(i64, i64, i64)> = work
+            let moves: Vec<CursorMove> = work
                 .iter()
                 .map(|(i, l)| {
                     let to = l.msgs.last().map_or(l.processed, |m| m.seq);

@@ -13,17 +13,18 @@
 //! again, because their first writes went with the rollback. A batch handler's batch is replayed
 //! one message at a time, as documented on [`TransactionalBatchHandler`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sea_orm::{DatabaseTransaction, TransactionTrait, Value};
+use sea_orm::{DatabaseTransaction, QueryResult, TransactionTrait, Value};
 
 use super::shared_txn::{TxnReq, TxnRes};
 use super::{
-    FETCH_SQL, Partition, Step, apply, at, catch_panic, catch_panic_batch, get_opt_time,
-    insert_dead_letters, messages_in, next_after_ack, shutting_down, write_cursor,
+    Partition, Step, apply, at, catch_panic, catch_panic_batch, get_opt_time, insert_dead_letters,
+    messages_in, next_after_ack, shutting_down, write_cursor,
 };
-use crate::backend::{Dialect, query_all};
+use crate::backend::{Dialect, placeholders, query_all};
 use crate::error::{OutboxError, Result};
 use crate::handler::{
     HandlerError, HandlerResult, Outcome, TransactionalBatchHandler, TransactionalHandler,
@@ -67,21 +68,144 @@ pub(super) struct Locked {
     pub(super) msgs: Vec<Message>,
 }
 
-/// PostgreSQL/SQLite: lock the cursor row (the CTE is never inlined, so the lock stays on
-/// `processor` alone) and read the batch after it, in one statement. Seqs are gapless, so the
-/// batch is the range `(processed_seq, processed_seq + batch_size]`; a partition with nothing
-/// to do yields one row without a message. Placeholders: partition id, batch size.
-fn lock_and_fetch_sql(d: Dialect) -> String {
+impl Locked {
+    /// One partition's rows as [`lock_and_fetch`] returns them: the cursor in the first row,
+    /// a message in every row with a seq.
+    pub(super) fn from_rows(rows: &[QueryResult], queue: &QueueInfo, index: u32) -> Result<Self> {
+        let Some(r) = rows.first() else {
+            return Err(OutboxError::Db(sea_orm::DbErr::RecordNotFound(format!(
+                "processor row of partition {index} of queue {}",
+                queue.name
+            ))));
+        };
+        let processed: i64 = r.try_get("", "processed_seq")?;
+        let attempts: i64 = r.try_get("", "attempts")?;
+        Ok(Self {
+            processed,
+            attempts,
+            retry_at: get_opt_time(r, "retry_at")?,
+            msgs: messages_in(rows, queue, index, processed, attempts)?,
+        })
+    }
+}
+
+/// PostgreSQL/SQLite: lock the cursor rows that are free (the CTE is never inlined, so the
+/// lock stays on `processor` alone) and read each one's batch after it, in one statement.
+/// Seqs are gapless, so a batch is the range `(processed_seq, processed_seq + batch_size]`; a
+/// partition with nothing to do yields one row without a message. Placeholders: PostgreSQL,
+/// two arrays (partition ids, batch sizes: one statement text for any number of partitions);
+/// SQLite, the partition ids, then a `WHEN id THEN batch size` pair per partition.
+fn lock_and_fetch_sql(d: Dialect, n: usize) -> String {
+    let (pr, limit) = if d == Dialect::Postgres {
+        (
+            "SELECT p.partition_id, p.processed_seq, p.attempts, p.retry_at, w.lim \
+             FROM modkit_outbox_processor p JOIN unnest(CAST(? AS BIGINT[]), \
+             CAST(? AS BIGINT[])) AS w(pid, lim) ON p.partition_id = w.pid \
+             FOR NO KEY UPDATE OF p SKIP LOCKED"
+                .to_owned(),
+            "pr.lim".to_owned(),
+        )
+    } else {
+        (
+            format!(
+                "SELECT partition_id, processed_seq, attempts, retry_at \
+                 FROM modkit_outbox_processor WHERE partition_id IN ({}){}",
+                placeholders(n),
+                d.lock_skip_locked()
+            ),
+            format!(
+                "CASE pr.partition_id {} END",
+                vec!["WHEN ? THEN ?"; n].join(" ")
+            ),
+        )
+    };
     format!(
-        "WITH pr AS (SELECT partition_id, processed_seq, attempts, retry_at \
-         FROM modkit_outbox_processor WHERE partition_id = ?{lock}) \
-         SELECT pr.processed_seq, pr.attempts, pr.retry_at, o.seq, b.id, b.payload, \
-         b.payload_type, b.headers, b.created_at FROM pr \
+        "WITH pr AS ({pr}) \
+         SELECT pr.partition_id AS pid, pr.processed_seq, pr.attempts, pr.retry_at, o.seq, \
+         b.id, b.payload, b.payload_type, b.headers, b.created_at FROM pr \
          LEFT JOIN modkit_outbox_outgoing o ON o.partition_id = pr.partition_id \
-           AND o.seq > pr.processed_seq AND o.seq <= pr.processed_seq + ? \
-         LEFT JOIN modkit_outbox_body b ON b.id = o.body_id ORDER BY o.seq",
-        lock = d.lock_skip_locked()
+           AND o.seq > pr.processed_seq AND o.seq <= pr.processed_seq + {limit} \
+         LEFT JOIN modkit_outbox_body b ON b.id = o.body_id ORDER BY pr.partition_id, o.seq"
     )
+}
+
+/// Locks the `processor` rows of `parts` (partition id, batch size) that no other transaction
+/// holds (`SKIP LOCKED`) and reads each locked partition's batch: its rows by partition id,
+/// for [`Locked::from_rows`]. A partition missing from the answer is held elsewhere.
+pub(super) async fn lock_and_fetch(
+    txn: &DatabaseTransaction,
+    d: Dialect,
+    parts: &[(i64, usize)],
+) -> Result<HashMap<i64, Vec<QueryResult>>> {
+    let ids = || parts.iter().map(|(pid, _)| Value::from(*pid));
+    let mut rows_of: HashMap<i64, Vec<QueryResult>> = HashMap::new();
+    if d != Dialect::MySql {
+        let args = if d == Dialect::Postgres {
+            let pids: Vec<i64> = parts.iter().map(|(pid, _)| *pid).collect();
+            let batches: Vec<i64> = parts.iter().map(|(_, b)| *b as i64).collect();
+            vec![Value::from(pids), Value::from(batches)]
+        } else {
+            let mut args: Vec<Value> = ids().collect();
+            for (pid, batch) in parts {
+                args.push(Value::from(*pid));
+                args.push(Value::from(*batch as i64));
+            }
+            args
+        };
+        for row in query_all(txn, d, &lock_and_fetch_sql(d, parts.len()), args).await? {
+            rows_of
+                .entry(row.try_get("", "pid")?)
+                .or_default()
+                .push(row);
+        }
+        return Ok(rows_of);
+    }
+    // MySQL: the lock alone (MariaDB cannot confine a join's lock to one table), then the
+    // batches of the partitions it got, each a range of the `(partition_id, seq)` key.
+    let sql = format!(
+        "SELECT partition_id AS pid, processed_seq, attempts, retry_at \
+         FROM modkit_outbox_processor WHERE partition_id IN ({}){}",
+        placeholders(parts.len()),
+        d.lock_skip_locked()
+    );
+    let locked = query_all(txn, d, &sql, ids().collect()).await?;
+    let batch_of: HashMap<i64, usize> = parts.iter().copied().collect();
+    let mut ranges = Vec::with_capacity(locked.len());
+    let mut args = Vec::with_capacity(3 * locked.len());
+    for row in &locked {
+        let pid: i64 = row.try_get("", "pid")?;
+        let processed: i64 = row.try_get("", "processed_seq")?;
+        if get_opt_time(row, "retry_at")?.is_none_or(|t| t <= Utc::now()) {
+            let batch = batch_of.get(&pid).copied().unwrap_or(1) as i64;
+            ranges.push("(o.partition_id = ? AND o.seq > ? AND o.seq <= ?)");
+            args.push(Value::from(pid));
+            args.push(Value::from(processed));
+            args.push(Value::from(processed.saturating_add(batch)));
+        }
+    }
+    let mut batches: HashMap<i64, Vec<QueryResult>> = HashMap::new();
+    if !ranges.is_empty() {
+        let sql = format!(
+            "SELECT o.partition_id AS pid, o.seq, b.id, b.payload, b.payload_type, b.headers, \
+             b.created_at FROM modkit_outbox_outgoing o \
+             JOIN modkit_outbox_body b ON b.id = o.body_id \
+             WHERE {} ORDER BY o.partition_id, o.seq",
+            ranges.join(" OR ")
+        );
+        for row in query_all(txn, d, &sql, args).await? {
+            batches
+                .entry(row.try_get("", "pid")?)
+                .or_default()
+                .push(row);
+        }
+    }
+    for row in locked {
+        let pid: i64 = row.try_get("", "pid")?;
+        let mut rows = vec![row];
+        rows.extend(batches.remove(&pid).unwrap_or_default());
+        rows_of.insert(pid, rows);
+    }
+    Ok(rows_of)
 }
 
 impl Partition {
@@ -138,44 +262,13 @@ impl Partition {
     }
 
     /// Locks the cursor and reads the batch; `None` when another instance holds the row.
-    async fn lock_and_fetch(&self, txn: &DatabaseTransaction) -> Result<Option<Locked>> {
+    async fn lock_own(&self, txn: &DatabaseTransaction) -> Result<Option<Locked>> {
         let d = self.inner.db.dialect;
-        let batch = self.queue.batch_size as u64;
-        let rows = if d == Dialect::MySql {
-            let sql = format!(
-                "SELECT processed_seq, attempts, retry_at FROM modkit_outbox_processor \
-                 WHERE partition_id = ?{}",
-                d.lock_skip_locked()
-            );
-            query_all(txn, d, &sql, vec![Value::from(self.id)]).await?
-        } else {
-            let args = vec![Value::from(self.id), Value::from(batch)];
-            query_all(txn, d, &lock_and_fetch_sql(d), args).await?
-        };
-        let Some(r) = rows.first() else {
-            return Ok(None);
-        };
-        let processed: i64 = r.try_get("", "processed_seq")?;
-        let attempts: i64 = r.try_get("", "attempts")?;
-        let retry_at = get_opt_time(r, "retry_at")?;
-        let fetched;
-        let batch_rows = if d == Dialect::MySql {
-            let args = vec![
-                Value::from(self.id),
-                Value::from(processed),
-                Value::from(batch),
-            ];
-            fetched = query_all(txn, d, FETCH_SQL, args).await?;
-            &fetched
-        } else {
-            &rows
-        };
-        Ok(Some(Locked {
-            processed,
-            attempts,
-            retry_at,
-            msgs: messages_in(batch_rows, &self.queue, self.index, processed, attempts)?,
-        }))
+        let mut rows_of = lock_and_fetch(txn, d, &[(self.id, self.queue.batch_size)]).await?;
+        rows_of
+            .remove(&self.id)
+            .map(|rows| Locked::from_rows(&rows, &self.queue, self.index))
+            .transpose()
     }
 
     /// One transaction. `replay: None` is the fast try (no savepoints; it may end in
@@ -192,7 +285,7 @@ impl Partition {
             attempts,
             retry_at,
             msgs,
-        }) = self.lock_and_fetch(&w.txn).await?
+        }) = self.lock_own(&w.txn).await?
         else {
             // Another instance is processing this partition right now.
             w.rollback().await?;
