@@ -166,7 +166,26 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
     }
 
     let per = inner.config.sequencer_batch as u64;
-    let rows = if split {
+    let rows = if d == Dialect::Sqlite {
+        // One writer: every committed row's id is above every earlier commit's, so the
+        // table's prefix in id order is a prefix of every partition's rows. Read it in
+        // rowid order (`NOT INDEXED`: no per-partition lookups and no sort; the scan stops
+        // at the limit, and at most skips rows of partitions this pass did not take), up to
+        // `per` rows for each partition in a backlog.
+        let limit = if split {
+            per * locked.len() as u64
+        } else {
+            per
+        };
+        let sql = format!(
+            "SELECT id, partition_id, body_id FROM modkit_outbox_incoming NOT INDEXED \
+             WHERE partition_id IN ({}) ORDER BY id LIMIT ?",
+            placeholders(locked.len())
+        );
+        let mut args: Vec<Value> = locked.keys().map(|id| Value::from(*id)).collect();
+        args.push(Value::from(limit));
+        query_all(t, d, &sql, args).await?
+    } else if split {
         // A backlog: oldest rows first, up to `per` for each partition, in one statement.
         let parts: Vec<String> = (0..locked.len())
             .map(|i| {

@@ -99,10 +99,10 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
         return Ok((0, Vec::new()));
     }
     let limit = inner.config.vacuum_chunk.div_ceil(todo.len()).max(1);
-    let (deleted, bodies, marks, unfinished) = if d == Dialect::Postgres {
-        delete_windows_postgres(t, &todo, limit).await?
-    } else {
+    let (deleted, bodies, marks, unfinished) = if d == Dialect::MySql {
         delete_windows(t, d, &todo, limit).await?
+    } else {
+        delete_windows_returning(t, d, &todo, limit).await?
     };
     for chunk in bodies.chunks(MAX_IN_LIST) {
         let sql = d.delete_ids("modkit_outbox_body", chunk.len(), "");
@@ -126,8 +126,8 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
 /// `(partition, counter, new watermark)`, and the partitions with processed rows left.
 type Windows = (u64, Vec<i64>, Vec<(i64, i64, i64)>, Vec<(i64, i64)>);
 
-/// MySQL/SQLite: read each partition's oldest `limit` processed rows (one statement), then
-/// delete them by `(partition_id, seq)` ranges. `todo`: `(partition, counter, processed)`.
+/// MySQL (no `DELETE … RETURNING`): read each partition's oldest `limit` processed rows (one
+/// statement), then delete them by `(partition_id, seq)` ranges. `todo`: `(partition, counter, processed)`.
 async fn delete_windows(
     t: &DatabaseTransaction,
     d: Dialect,
@@ -197,16 +197,17 @@ async fn delete_windows(
     Ok((deleted, bodies, marks, unfinished))
 }
 
-/// PostgreSQL: one `DELETE … RETURNING` of every partition's window, the ranges bound as
-/// arrays (a statement whose text does not change with the number of partitions, so it is
-/// prepared and planned once per connection). Seqs are gapless, so a partition's oldest
-/// `limit` processed rows are exactly `(counter, min(processed, counter + limit)]`.
-async fn delete_windows_postgres(
+/// PostgreSQL and SQLite: one `DELETE … RETURNING` of every partition's window, no read
+/// before it. Seqs are gapless, so a partition's oldest `limit` processed rows are exactly
+/// `(counter, min(processed, counter + limit)]`. PostgreSQL binds the windows as three arrays
+/// (one statement text for any number of partitions, see [`Dialect::in_list`]); SQLite, whose
+/// statements are prepared in-process, as `OR`ed key ranges.
+async fn delete_windows_returning(
     t: &DatabaseTransaction,
+    d: Dialect,
     todo: &[(i64, i64, i64)],
     limit: usize,
 ) -> Result<Windows> {
-    let d = Dialect::Postgres;
     let mut marks = Vec::with_capacity(todo.len());
     let mut unfinished = Vec::new();
     for (p, counter, processed) in todo {
@@ -216,10 +217,21 @@ async fn delete_windows_postgres(
         }
         marks.push((*p, *counter, high));
     }
-    let column =
-        |f: fn(&(i64, i64, i64)) -> i64| Value::from(marks.iter().map(f).collect::<Vec<i64>>());
-    let args = vec![column(|m| m.0), column(|m| m.1), column(|m| m.2)];
-    let bodies = query_all(t, d, postgres::VACUUM_WINDOWS, args)
+    let (sql, args) = if d == Dialect::Postgres {
+        let column =
+            |f: fn(&(i64, i64, i64)) -> i64| Value::from(marks.iter().map(f).collect::<Vec<i64>>());
+        let args = vec![column(|m| m.0), column(|m| m.1), column(|m| m.2)];
+        (postgres::VACUUM_WINDOWS.to_owned(), args)
+    } else {
+        let ranges = vec!["(partition_id = ? AND seq > ? AND seq <= ?)"; marks.len()].join(" OR ");
+        let mut args = Vec::with_capacity(3 * marks.len());
+        for (p, counter, high) in &marks {
+            args.extend([Value::from(*p), Value::from(*counter), Value::from(*high)]);
+        }
+        let sql = format!("DELETE FROM modkit_outbox_outgoing WHERE {ranges} RETURNING body_id");
+        (sql, args)
+    };
+    let bodies = query_all(t, d, &sql, args)
         .await?
         .iter()
         .map(|r| r.try_get::<i64>("", "body_id"))

@@ -428,4 +428,31 @@ mod tests {
         assert!(x < y, "{x} < {y}");
         assert_eq!(x.len(), y.len());
     }
+
+    const ALL: [Dialect; 3] = [Dialect::Postgres, Dialect::MySql, Dialect::Sqlite];
+
+    /// Every statement built for a list has exactly one argument per placeholder, and on
+    /// PostgreSQL its text does not depend on the list's length.
+    #[test]
+    fn list_statements_match_their_arguments() {
+        for d in ALL {
+            let texts: Vec<String> = [1usize, 3, 64]
+                .iter()
+                .map(|&n| {
+                    let ids: Vec<i64> = (1..=n as i64).collect();
+                    let sql = d.in_list("id", n);
+                    assert_eq!(sql.matches('?').count(), d.list_args(&ids).len(), "{d:?}");
+                    let del = d.delete_ids("modkit_outbox_body", n, "created_at < ?");
+                    assert_eq!(del.matches('?').count(), d.list_args(&ids).len() + 1);
+                    let pairs: Vec<(i64, i64)> = ids.iter().map(|i| (*i, i * 10)).collect();
+                    let (upd, args) = update_per_key(d, "t", "k", "v", &pairs);
+                    assert_eq!(upd.matches('?').count(), args.len(), "{d:?}: {upd}");
+                    format!("{sql} {upd}")
+                })
+                .collect();
+            if d == Dialect::Postgres {
+                assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+            }
+        }
+    }
 }

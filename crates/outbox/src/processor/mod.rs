@@ -736,3 +736,25 @@ impl Partition {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_moves_match_their_arguments() {
+        for d in [Dialect::Postgres, Dialect::MySql, Dialect::Sqlite] {
+            for n in [1i64, 5] {
+                let moves: Vec<CursorMove> = (1..=n).map(|p| (p, p * 10, p * 10 + 3)).collect();
+                let (sql, args) = cursor_moves(d, &moves, None);
+                assert_eq!(sql.matches('?').count(), args.len(), "{d:?}: {sql}");
+                assert!(!sql.contains("locked_by"));
+                let (sql, args) = cursor_moves(d, &moves, Some((d.time(Utc::now()), "me")));
+                assert_eq!(sql.matches('?').count(), args.len(), "{d:?}: {sql}");
+                // The holder binds the last placeholder, the guard that ends the statement.
+                assert!(sql.ends_with(lease::ACK_GUARD), "{sql}");
+                assert_eq!(args.last(), Some(&Value::from("me")));
+            }
+        }
+    }
+}
