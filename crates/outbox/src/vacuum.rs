@@ -127,7 +127,8 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
 type Windows = (u64, Vec<i64>, Vec<(i64, i64, i64)>, Vec<(i64, i64)>);
 
 /// MySQL (no `DELETE … RETURNING`): read each partition's oldest `limit` processed rows (one
-/// statement), then delete them by `(partition_id, seq)` ranges. `todo`: `(partition, counter, processed)`.
+/// statement), then delete them by `(partition_id, seq)` ranges. `todo`: `(partition, counter,
+/// processed)`.
 async fn delete_windows(
     t: &DatabaseTransaction,
     d: Dialect,
