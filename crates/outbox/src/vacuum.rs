@@ -6,9 +6,10 @@
 //! finding work is one indexed join and idle partitions cost nothing.
 //!
 //! Each chunk is one transaction over up to 64 partitions: lock their `vacuum_counter` rows
-//! (`SKIP LOCKED`, so two instances never vacuum one partition at once), read up to
-//! `vacuum_chunk` processed rows in all (oldest first per partition), delete them by
-//! `(partition_id, seq)` ranges, delete their bodies by primary key (never a
+//! (`SKIP LOCKED`, so two instances never vacuum one partition at once), delete up to
+//! `vacuum_chunk` processed rows in all (oldest first per partition: seqs are gapless, so each
+//! partition's share is a `(partition_id, seq)` range known without reading it), delete their
+//! bodies by primary key (never a
 //! `DELETE … IN (SELECT … same table)`, which MySQL rejects), advance the watermarks. A run
 //! costs the same handful of statements for one partition or sixty-four. Processors wake the
 //! vacuum after every ack (at most every 200 ms), so tables stay small under sustained load.
@@ -98,12 +99,19 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
         w.rollback().await?;
         return Ok((0, Vec::new()));
     }
-    let limit = inner.config.vacuum_chunk.div_ceil(todo.len()).max(1);
-    let (deleted, bodies, marks, unfinished) = if d == Dialect::MySql {
-        delete_windows(t, d, &todo, limit).await?
-    } else {
-        delete_windows_returning(t, d, &todo, limit).await?
-    };
+    // Seqs are gapless, so a partition's oldest `share` processed rows are exactly the window
+    // `(counter, min(processed, counter + share)]`: no read is needed to find them.
+    let share = inner.config.vacuum_chunk.div_ceil(todo.len()).max(1) as i64;
+    let mut marks = Vec::with_capacity(todo.len());
+    let mut unfinished = Vec::new();
+    for (p, counter, processed) in &todo {
+        let high = (*processed).min(counter.saturating_add(share));
+        if high < *processed {
+            unfinished.push((*p, *processed));
+        }
+        marks.push((*p, *counter, high));
+    }
+    let (deleted, bodies) = delete_windows(t, d, &marks).await?;
     for chunk in bodies.chunks(MAX_IN_LIST) {
         let sql = d.delete_ids("modkit_outbox_body", chunk.len(), "");
         execute(t, d, &sql, d.list_args(chunk)).await?;
@@ -122,122 +130,52 @@ async fn vacuum_chunk(inner: &Inner, parts: &[(i64, i64)]) -> Result<(u64, Vec<(
     Ok((deleted, unfinished))
 }
 
-/// What one chunk deleted from `outgoing`: the rows, their bodies, each partition's
-/// `(partition, counter, new watermark)`, and the partitions with processed rows left.
-type Windows = (u64, Vec<i64>, Vec<(i64, i64, i64)>, Vec<(i64, i64)>);
-
-/// MySQL (no `DELETE … RETURNING`): read each partition's oldest `limit` processed rows (one
-/// statement), then delete them by `(partition_id, seq)` ranges. `todo`: `(partition, counter,
-/// processed)`.
+/// Deletes the windows `(partition, after, up to)` of processed `outgoing` rows; returns the
+/// rows deleted and their bodies. PostgreSQL: one `DELETE … RETURNING`, the windows bound as
+/// three arrays (one statement text for any number of partitions, see [`Dialect::in_list`]).
+/// SQLite: one `DELETE … RETURNING` of `OR`ed key ranges (statements are prepared in-process).
+/// MySQL, which has no `DELETE … RETURNING`: the bodies are read first, then the same ranges
+/// deleted, both through the `(partition_id, seq)` key (`FORCE INDEX`: never a scan that
+/// would lock rows a producer holds).
 async fn delete_windows(
     t: &DatabaseTransaction,
     d: Dialect,
-    todo: &[(i64, i64, i64)],
-    limit: usize,
-) -> Result<Windows> {
-    // Oldest processed rows first, per partition, in one statement.
-    let read = (0..todo.len())
-        .map(|i| {
-            format!(
-                "SELECT * FROM (SELECT partition_id, seq, body_id FROM modkit_outbox_outgoing \
-                 WHERE partition_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?) t{i}"
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ");
-    let mut args = Vec::with_capacity(4 * todo.len());
-    for (p, counter, processed) in todo {
-        args.extend([
-            Value::from(*p),
-            Value::from(*counter),
-            Value::from(*processed),
-            Value::from(limit as u64),
-        ]);
-    }
-    let mut read_per: HashMap<i64, (usize, i64)> = HashMap::new();
-    let mut bodies = Vec::new();
-    for r in query_all(t, d, &read, args).await? {
-        let p: i64 = r.try_get("", "partition_id")?;
-        let seq: i64 = r.try_get("", "seq")?;
-        bodies.push(r.try_get::<i64>("", "body_id")?);
-        let e = read_per.entry(p).or_insert((0, i64::MIN));
-        e.0 += 1;
-        e.1 = e.1.max(seq);
-    }
-    // The new watermark of each partition: the last row read, or the cursor itself when fewer
-    // rows than the limit came back (everything up to it is covered; rows may be missing if
-    // deleted by hand).
-    let mut marks: Vec<(i64, i64, i64)> = Vec::with_capacity(todo.len());
-    let mut unfinished = Vec::new();
-    for (p, counter, processed) in todo {
-        let high = match read_per.get(p) {
-            Some((n, last)) if *n >= limit => {
-                unfinished.push((*p, *processed));
-                *last
-            }
-            _ => *processed,
-        };
-        marks.push((*p, *counter, high));
-    }
-    let ranges = vec!["(partition_id = ? AND seq > ? AND seq <= ?)"; marks.len()].join(" OR ");
-    let mut args = Vec::with_capacity(3 * marks.len());
-    for (p, counter, high) in &marks {
-        args.extend([Value::from(*p), Value::from(*counter), Value::from(*high)]);
-    }
-    let deleted = execute(
-        t,
-        d,
-        &d.delete_using(
-            "modkit_outbox_outgoing",
-            "modkit_outbox_outgoing_partition_seq_uq",
-            &ranges,
-        ),
-        args,
-    )
-    .await?;
-    Ok((deleted, bodies, marks, unfinished))
-}
-
-/// PostgreSQL and SQLite: one `DELETE … RETURNING` of every partition's window, no read
-/// before it. Seqs are gapless, so a partition's oldest `limit` processed rows are exactly
-/// `(counter, min(processed, counter + limit)]`. PostgreSQL binds the windows as three arrays
-/// (one statement text for any number of partitions, see [`Dialect::in_list`]); SQLite, whose
-/// statements are prepared in-process, as `OR`ed key ranges.
-async fn delete_windows_returning(
-    t: &DatabaseTransaction,
-    d: Dialect,
-    todo: &[(i64, i64, i64)],
-    limit: usize,
-) -> Result<Windows> {
-    let mut marks = Vec::with_capacity(todo.len());
-    let mut unfinished = Vec::new();
-    for (p, counter, processed) in todo {
-        let high = (*processed).min(counter.saturating_add(limit as i64));
-        if high < *processed {
-            unfinished.push((*p, *processed));
-        }
-        marks.push((*p, *counter, high));
-    }
-    let (sql, args) = if d == Dialect::Postgres {
+    marks: &[(i64, i64, i64)],
+) -> Result<(u64, Vec<i64>)> {
+    let body_ids = |rows: Vec<sea_orm::QueryResult>| {
+        rows.iter()
+            .map(|r| r.try_get::<i64>("", "body_id"))
+            .collect::<std::result::Result<Vec<_>, _>>()
+    };
+    if d == Dialect::Postgres {
         let column =
             |f: fn(&(i64, i64, i64)) -> i64| Value::from(marks.iter().map(f).collect::<Vec<i64>>());
         let args = vec![column(|m| m.0), column(|m| m.1), column(|m| m.2)];
-        (postgres::VACUUM_WINDOWS.to_owned(), args)
-    } else {
-        let ranges = vec!["(partition_id = ? AND seq > ? AND seq <= ?)"; marks.len()].join(" OR ");
-        let mut args = Vec::with_capacity(3 * marks.len());
-        for (p, counter, high) in &marks {
-            args.extend([Value::from(*p), Value::from(*counter), Value::from(*high)]);
-        }
+        let bodies = body_ids(query_all(t, d, postgres::VACUUM_WINDOWS, args).await?)?;
+        return Ok((bodies.len() as u64, bodies));
+    }
+    let ranges = vec!["(partition_id = ? AND seq > ? AND seq <= ?)"; marks.len()].join(" OR ");
+    let mut args = Vec::with_capacity(3 * marks.len());
+    for (p, after, upto) in marks {
+        args.extend([Value::from(*p), Value::from(*after), Value::from(*upto)]);
+    }
+    if d == Dialect::Sqlite {
         let sql = format!("DELETE FROM modkit_outbox_outgoing WHERE {ranges} RETURNING body_id");
-        (sql, args)
-    };
-    let bodies = query_all(t, d, &sql, args)
-        .await?
-        .iter()
-        .map(|r| r.try_get::<i64>("", "body_id"))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok((bodies.len() as u64, bodies, marks, unfinished))
+        let bodies = body_ids(query_all(t, d, &sql, args).await?)?;
+        return Ok((bodies.len() as u64, bodies));
+    }
+    const KEY: &str = "modkit_outbox_outgoing_partition_seq_uq";
+    let read =
+        format!("SELECT body_id FROM modkit_outbox_outgoing FORCE INDEX ({KEY}) WHERE {ranges}");
+    let bodies = body_ids(query_all(t, d, &read, args.clone()).await?)?;
+    let deleted = execute(
+        t,
+        d,
+        &d.delete_using("modkit_outbox_outgoing", KEY, &ranges),
+        args,
+    )
+    .await?;
+    Ok((deleted, bodies))
 }
 
 /// Deletes bodies that no incoming or outgoing row references and that are older than
