@@ -626,6 +626,104 @@ async fn vacuum_empties_tables_after_drain(db: TestDb) {
     handle.stop().await;
 }
 
+/// Acks everything except the payloads listed, which fail once; records every delivery.
+#[derive(Clone, Default)]
+struct FailOnce {
+    rec: Recorder,
+    fail: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+#[async_trait]
+impl modkit_outbox::LeasedHandler for FailOnce {
+    async fn handle(&self, msg: &Message) -> HandlerResult {
+        self.rec.push(msg);
+        let mut fail = self.fail.lock().expect("fail list");
+        if let Some(i) = fail
+            .iter()
+            .position(|p| p.as_slice() == msg.payload.as_ref())
+        {
+            fail.remove(i);
+            return Ok(Outcome::Retry("once".into()));
+        }
+        Ok(Outcome::Ack)
+    }
+}
+
+/// One message at a time (the path where MySQL and SQLite hand the sequencer's rows straight
+/// to the processor): every field arrives as enqueued, a retried message comes back with its
+/// attempt count and keeps its place, and the rest still follows in order.
+async fn trickle_messages_arrive_as_enqueued(db: TestDb) {
+    migrate(&db).await;
+    let handler = FailOnce::default();
+    handler
+        .fail
+        .lock()
+        .expect("fail list")
+        .push(b"m-7".to_vec());
+    let handle = Outbox::builder(db.conn.clone())
+        .config(fast_config())
+        .queue("t", Partitions::of(2))
+        .leased(handler.clone())
+        .start()
+        .await
+        .expect("start");
+    let outbox = handle.outbox();
+    let mut sent = Vec::new();
+    for i in 0..12u32 {
+        let before = chrono::Utc::now();
+        let msg = NewMessage::new("t", i % 2, format!("m-{i}"), format!("type-{i}"))
+            .header("n", i.to_string());
+        let ids = outbox
+            .enqueue_batch(&db.conn, std::slice::from_ref(&msg))
+            .await
+            .expect("enqueue");
+        sent.push((ids[0], msg, before));
+        let expected = if i >= 7 {
+            i as usize + 2
+        } else {
+            i as usize + 1
+        };
+        assert!(
+            handler
+                .rec
+                .wait_for(expected, Duration::from_secs(10))
+                .await,
+            "{:?}: message {i} not delivered",
+            db.backend
+        );
+    }
+    let got = handler.rec.all();
+    assert_eq!(got.len(), 13, "{:?}: one redelivery only", db.backend);
+    // Deliveries in order, with the retried message twice in a row (attempts 1, then 2).
+    let mut k = 0;
+    for (i, (id, msg, before)) in sent.iter().enumerate() {
+        let tries = if i == 7 { 2 } else { 1 };
+        for attempt in 1..=tries {
+            let m = &got[k];
+            k += 1;
+            assert_eq!(m.id, *id, "{:?}: delivery {k}", db.backend);
+            assert_eq!(m.queue.as_ref(), "t");
+            assert_eq!(m.partition, msg.partition);
+            assert_eq!(m.seq, i as i64 / 2 + 1, "{:?}: seq of {i}", db.backend);
+            assert_eq!(m.payload, msg.payload);
+            assert_eq!(m.payload_type, msg.payload_type);
+            assert_eq!(
+                m.headers.get("n").map(String::as_str),
+                Some(i.to_string().as_str())
+            );
+            assert_eq!(m.attempts, attempt, "{:?}: attempts of {i}", db.backend);
+            let skew = (m.created_at - *before).num_milliseconds();
+            assert!(
+                (-1000..5000).contains(&skew),
+                "{:?}: created_at {} against enqueue at {before}",
+                db.backend,
+                m.created_at
+            );
+        }
+    }
+    handle.stop().await;
+}
+
 async fn wake_up_is_prompt_without_polling(db: TestDb) {
     migrate(&db).await;
     let config = OutboxConfig {
@@ -818,5 +916,6 @@ backend_tests!(
     slow_transactional_handlers_run_in_parallel,
     retries_back_off_then_dead_letter,
     vacuum_empties_tables_after_drain,
+    trickle_messages_arrive_as_enqueued,
     wake_up_is_prompt_without_polling,
 );

@@ -36,6 +36,8 @@ pub(crate) struct Inner {
     /// when it processes none): a PostgreSQL sequencer pass tells the other instances whether
     /// a free lease will be taken here.
     pub(crate) processed_here: String,
+    /// Rows the sequencer hands straight to local leased processors (MySQL, SQLite).
+    pub(crate) handoffs: crate::processor::handoff::Handoffs,
 }
 
 /// The outbox: enqueue messages inside your transactions. Cheap to clone, `Send + Sync`.
@@ -312,6 +314,7 @@ impl OutboxBuilder {
                 queues,
                 signals: Arc::new(Signals::default()),
                 processed_here,
+                handoffs: Default::default(),
             }),
         })
     }

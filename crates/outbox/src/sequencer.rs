@@ -13,8 +13,10 @@
 //! 4. insert them into `outgoing`, advance each partition's `sequence`, delete them from
 //!    `incoming` by primary key (and check that every row was still there). On MySQL these
 //!    writes go as one text-protocol batch per 500 rows ([`mysql::sequence_writes`]);
-//! 5. commit, then wake the partitions' processors (PostgreSQL: `NOTIFY` to the other instances
-//!    for partitions whose lease this instance does not hold).
+//! 5. commit, hand the rows with their bodies to local leased processors that can take them
+//!    (MySQL, SQLite: a trickle pass then reads the bodies in step 3; see
+//!    [`crate::processor::handoff`]), then wake the partitions' processors (PostgreSQL:
+//!    `NOTIFY` to the other instances for partitions whose lease this instance does not hold).
 //!
 //! On PostgreSQL steps 2–5 are one statement per group, and a trickle pass (the previous one
 //! moved fewer than [`SPLIT_ABOVE`] rows) is one statement including step 1. Groups run
@@ -32,10 +34,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::postgres::PassCandidates;
 use crate::backend::{
-    Dialect, MAX_IN_LIST, execute, mysql, placeholders, postgres, query_all, update_per_key,
+    Dialect, MAX_IN_LIST, execute, get_time, mysql, placeholders, postgres, query_all,
+    update_per_key,
 };
 use crate::error::{OutboxError, Result};
 use crate::outbox::Inner;
+use crate::processor::handoff::HandedRow;
 use crate::signals::{PENDING_COMMIT_WINDOW, SequencerAlive};
 
 /// First re-check delay after a pass found nothing right after an enqueue; doubles up to
@@ -166,6 +170,17 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
     }
 
     let per = inner.config.sequencer_batch as u64;
+    // A trickle pass also reads the bodies when a local leased processor can take them
+    // straight from this pass (see `processor::handoff`).
+    let hand = !split && locked.keys().any(|p| inner.handoffs.is_open(*p));
+    let (body_cols, body_join) = if hand {
+        (
+            ", b.payload, b.payload_type, b.headers, b.created_at",
+            " LEFT JOIN modkit_outbox_body b ON b.id = i.body_id",
+        )
+    } else {
+        ("", "")
+    };
     let rows = if d == Dialect::Sqlite {
         // One writer: every committed row's id is above every earlier commit's, so the
         // table's prefix in id order is a prefix of every partition's rows. Read it in
@@ -178,8 +193,8 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
             per
         };
         let sql = format!(
-            "SELECT id, partition_id, body_id FROM modkit_outbox_incoming NOT INDEXED \
-             WHERE partition_id IN ({}) ORDER BY id LIMIT ?",
+            "SELECT i.id, i.partition_id, i.body_id{body_cols} FROM modkit_outbox_incoming i \
+             NOT INDEXED{body_join} WHERE i.partition_id IN ({}) ORDER BY i.id LIMIT ?",
             placeholders(locked.len())
         );
         let mut args: Vec<Value> = locked.keys().map(|id| Value::from(*id)).collect();
@@ -206,20 +221,21 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
         // partition (MariaDB materializes each). Any prefix in id order is a prefix of every
         // partition's rows, so what is left over is simply moved by the next pass.
         let sql = format!(
-            "SELECT id, partition_id, body_id FROM modkit_outbox_incoming \
-             WHERE partition_id IN ({}) ORDER BY id LIMIT ?",
+            "SELECT i.id, i.partition_id, i.body_id{body_cols} FROM modkit_outbox_incoming i\
+             {body_join} WHERE i.partition_id IN ({}) ORDER BY i.id LIMIT ?",
             placeholders(locked.len())
         );
         let mut args: Vec<Value> = locked.keys().map(|id| Value::from(*id)).collect();
         args.push(Value::from(per));
         query_all(t, d, &sql, args).await?
     };
-    let mut by_partition: BTreeMap<i64, Vec<(i64, i64)>> = BTreeMap::new();
-    for r in &rows {
+    // Per partition: (incoming id, body id, index of the row read).
+    let mut by_partition: BTreeMap<i64, Vec<(i64, i64, usize)>> = BTreeMap::new();
+    for (k, r) in rows.iter().enumerate() {
         let id: i64 = r.try_get("", "id")?;
         let pid: i64 = r.try_get("", "partition_id")?;
         let body: i64 = r.try_get("", "body_id")?;
-        by_partition.entry(pid).or_default().push((id, body));
+        by_partition.entry(pid).or_default().push((id, body, k));
     }
     if by_partition.is_empty() {
         w.rollback().await?;
@@ -232,9 +248,9 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
     let mut incoming_ids: Vec<i64> = Vec::with_capacity(rows.len());
     let mut new_seq: Vec<(i64, i64)> = Vec::with_capacity(by_partition.len());
     for (pid, list) in &mut by_partition {
-        list.sort_unstable_by_key(|(id, _)| *id);
+        list.sort_unstable_by_key(|(id, _, _)| *id);
         let mut seq = locked[pid];
-        for (id, body) in list.iter() {
+        for (id, body, _) in list.iter() {
             seq += 1;
             outgoing.push((*pid, *body, seq));
             incoming_ids.push(*id);
@@ -291,6 +307,21 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
     // (PostgreSQL never gets here: its pass is one statement, notifications included.)
     w.commit().await?;
 
+    if hand {
+        for (pid, list) in &by_partition {
+            if !inner.handoffs.is_open(*pid) {
+                continue;
+            }
+            // Committed already: a row that cannot be handed over is simply read by the
+            // processor.
+            match handed_rows(&rows, list, locked[pid]) {
+                Ok(handed) => inner
+                    .handoffs
+                    .offer(*pid, locked[pid] + list.len() as i64, handed),
+                Err(e) => tracing::debug!(partition_id = pid, error = %e, "no hand-off"),
+            }
+        }
+    }
     for (pid, s) in &new_seq {
         tracing::trace!(partition_id = pid, sequence = s, "sequenced");
         inner.signals.wake_processor(*pid);
@@ -304,6 +335,32 @@ async fn pass_group(inner: &Inner, candidates: Option<&[i64]>, split: bool) -> R
         moved: incoming_ids.len(),
         skipped,
     })
+}
+
+/// One partition's rows of a pass, with their bodies, as sequenced after `seq` (`list` in
+/// incoming-id order). Stops at a row without a body (never expected: the processor reads it
+/// and reports it as usual).
+fn handed_rows(
+    rows: &[sea_orm::QueryResult],
+    list: &[(i64, i64, usize)],
+    seq: i64,
+) -> Result<Vec<HandedRow>> {
+    let mut out = Vec::with_capacity(list.len());
+    for (n, (_, body_id, k)) in list.iter().enumerate() {
+        let r = &rows[*k];
+        let Some(payload) = r.try_get::<Option<Vec<u8>>>("", "payload")? else {
+            break;
+        };
+        out.push(HandedRow {
+            seq: seq + 1 + n as i64,
+            body_id: *body_id,
+            payload: payload.into(),
+            payload_type: r.try_get("", "payload_type")?,
+            headers: r.try_get("", "headers")?,
+            created_at: get_time(r, "created_at")?,
+        });
+    }
+    Ok(out)
 }
 
 /// PostgreSQL: the whole group pass as one statement (see [`postgres::sequence_pass_sql`]):

@@ -15,6 +15,7 @@
 //! backoff (`retry_at`), which new arrivals do not cut short.
 
 pub(crate) mod coalesce;
+pub(crate) mod handoff;
 pub(crate) mod lease;
 pub(crate) mod shared_txn;
 pub(crate) mod transactional;
@@ -423,6 +424,9 @@ pub(crate) struct Partition {
     /// The next transactional step runs in a transaction of its own (the last one saw a
     /// message fail, or read a full batch).
     txn_alone: bool,
+    /// Leased: the cursor as this processor last wrote or read it, while it is known to be
+    /// clean (no attempts, no retry pending) under our lease. Lets it take a [`handoff`].
+    clean_cursor: Option<i64>,
 }
 
 /// The coalescing driver is gone: the engine is stopping.
@@ -462,6 +466,9 @@ impl Partition {
     ) -> Self {
         let id = queue.partition_ids[index as usize];
         let notify = inner.signals.processor(id);
+        if io.is_some() {
+            inner.handoffs.register(id, queue.batch_size);
+        }
         Self {
             inner,
             queue,
@@ -473,6 +480,7 @@ impl Partition {
             io,
             shared,
             txn_alone: false,
+            clean_cursor: None,
         }
     }
 
@@ -508,6 +516,11 @@ impl Partition {
             next = None;
             interruptible = true;
             let step = self.step().instrument(span.clone()).await;
+            if self.io.is_some() {
+                self.inner
+                    .handoffs
+                    .set_open(self.id, self.clean_cursor.is_some());
+            }
             match step {
                 Ok(Step::Idle) => {
                     error_backoff = Duration::from_millis(100);
@@ -552,10 +565,18 @@ impl Partition {
             Some(QueueHandler::Transactional(h)) => return self.step_transactional(h).await,
             None => return Ok(Step::Idle),
         };
-        let (st, msgs) = read_state_and_batch(self).await?;
+        let known = self.clean_cursor.take();
+        let (st, msgs) = match self.handed(known) {
+            Some(handed) => handed,
+            None => read_state_and_batch(self).await?,
+        };
         // Idle or backing off: no write at all. A lease we hold simply lapses after its TTL
         // (or is reused if work arrives first), so idle partitions cause no lease churn.
         if st.high <= st.processed {
+            let me = self.inner.instance_id.as_str();
+            let clean = st.attempts == 0 && st.retry_at.is_none();
+            self.clean_cursor = (clean && self.holds_lease && st.locked_by.as_deref() == Some(me))
+                .then_some(st.processed);
             return Ok(Step::Idle);
         }
         if let Some(t) = st.retry_at
@@ -564,6 +585,38 @@ impl Partition {
             return Ok(at(t, false));
         }
         self.step_leased(st, msgs, handler).await
+    }
+
+    /// The rows this instance's sequencer handed over (see [`handoff`]) as state and batch,
+    /// when `known` (the clean cursor) and the lease allow taking them without a read.
+    fn handed(&self, known: Option<i64>) -> Option<(State, Vec<Message>)> {
+        let waiting = self.inner.handoffs.take(self.id)?;
+        let processed = known?;
+        let half = self.inner.config.lease_ttl / 2;
+        if !self.holds_lease || self.lease_expires <= Utc::now() + half {
+            return None;
+        }
+        let mut rows = waiting.rows;
+        rows.retain(|r| r.seq > processed);
+        // Consecutive by construction: usable when they start right after the cursor.
+        if rows.first()?.seq != processed + 1 {
+            return None;
+        }
+        rows.truncate(self.queue.batch_size);
+        let msgs = rows
+            .into_iter()
+            .map(|r| r.into_message(self.queue.name.clone(), self.index))
+            .collect();
+        let st = State {
+            high: waiting.high,
+            processed,
+            attempts: 0,
+            retry_at: None,
+            locked_by: Some(self.inner.instance_id.clone()),
+            locked_until: Some(self.lease_expires),
+        };
+        self.inner.handoffs.delivered_one();
+        Some((st, msgs))
     }
 
     async fn step_leased(
@@ -674,6 +727,8 @@ impl Partition {
             return Ok(Step::More);
         }
         self.lease_expires = new_until;
+        let clean = a.dead.is_empty() && a.retry_at.is_none() && a.attempts == 0;
+        self.clean_cursor = clean.then_some(a.processed);
         self.after_ack(&a, &msgs);
         Ok(next_after_ack(&a, st.high))
     }
