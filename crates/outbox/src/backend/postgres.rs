@@ -106,7 +106,7 @@ pub(crate) const ENQUEUE_ONE: &str = "WITH b AS (\
 /// partitions were locked and (probe form) how many had incoming rows: fewer locked than found
 /// means another sequencer held some. Placeholders: the candidate ids array (ids form), then the
 /// per-partition limit, then the instance id twice.
-pub(crate) fn sequence_pass_sql(c: PassCandidates, processed_here: &str) -> String {
+pub(crate) fn sequence_pass_sql(c: PassCandidates, processed_here: &str, hand: bool) -> String {
     let ours = if processed_here.is_empty() {
         String::new()
     } else {
@@ -124,6 +124,25 @@ pub(crate) fn sequence_pass_sql(c: PassCandidates, processed_here: &str) -> Stri
             "id IN (SELECT id FROM cand)".to_owned(),
             "(SELECT COUNT(*) FROM cand)",
         ),
+    };
+    // The hand-off rows (see `processor::handoff`): every moved row of the partitions in the
+    // last placeholder's array, with its body, when the pass moved fewer than
+    // `HANDOFF_BELOW` rows in all; `body_id` tells them from the other rows.
+    let (none, handed) = if hand {
+        (
+            ", NULL::bigint AS body_id, NULL::bytea AS payload, NULL::text AS payload_type, \
+             NULL::text AS headers, NULL::timestamptz AS created_at"
+                .to_owned(),
+            format!(
+                " UNION ALL SELECT nb.partition_id, nb.seq, NULL, NULL, NULL, b.id, b.payload, \
+             b.payload_type, b.headers, b.created_at FROM numbered nb \
+             JOIN modkit_outbox_body b ON b.id = nb.body_id \
+             WHERE nb.partition_id = ANY(CAST(? AS BIGINT[])) \
+               AND (SELECT COUNT(*) FROM numbered) < {HANDOFF_BELOW}"
+            ),
+        )
+    } else {
+        (String::new(), String::new())
     };
     format!(
         "WITH {cand}locked AS ( \
@@ -150,7 +169,7 @@ pub(crate) fn sequence_pass_sql(c: PassCandidates, processed_here: &str) -> Stri
             WHERE t.id = tops.partition_id), \
          cfg AS (SELECT set_config('synchronous_commit', 'off', true) AS v) \
          SELECT tops.partition_id, tops.hi, tops.n, NULL::bigint AS locked_n, \
-             NULL::bigint AS cand_n FROM tops \
+             NULL::bigint AS cand_n{none} FROM tops \
          LEFT JOIN modkit_outbox_processor pr ON pr.partition_id = tops.partition_id \
          CROSS JOIN LATERAL (SELECT CASE \
              WHEN pr.locked_by = CAST(? AS TEXT) AND pr.locked_until > now() THEN NULL \
@@ -158,9 +177,15 @@ pub(crate) fn sequence_pass_sql(c: PassCandidates, processed_here: &str) -> Stri
                  '{SEQUENCED_PREFIX}' || tops.partition_id || ':' || CAST(? AS TEXT) || chr(9) \
                  || CASE WHEN pr.locked_until > now() THEN COALESCE(pr.locked_by, '') \
                     {ours}ELSE '{NO_LOCAL_PROCESSOR}' END) END) nx \
-         UNION ALL SELECT NULL, NULL, NULL, (SELECT COUNT(*) FROM locked), {cand_n} FROM cfg"
+         UNION ALL SELECT NULL, NULL, NULL, (SELECT COUNT(*) FROM locked), {cand_n}{none} FROM cfg\
+         {handed}"
     )
 }
+
+/// A pass hands its rows to local processors only when it moved fewer than this many (a
+/// trickle, where the processor's read is a round trip per few messages); bigger passes skip
+/// reading the bodies.
+pub(crate) const HANDOFF_BELOW: usize = 64;
 
 /// Which partitions a sequencer pass statement works on.
 #[derive(Debug, Clone, Copy)]

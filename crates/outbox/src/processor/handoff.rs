@@ -1,11 +1,12 @@
-//! Sequencer → processor hand-off (leased queues, MySQL and SQLite): the rows a trickle pass of
-//! this instance just committed, payloads included, are handed to the partition's local
-//! processor, which then delivers them without reading them back.
+//! Sequencer → processor hand-off (leased queues): the rows a trickle pass of this instance
+//! just committed, payloads included, are handed to the partition's local processor, which
+//! then delivers them without reading them back.
 //!
 //! At one message per producer transaction the processor's read is a round trip on the
 //! latency path of every message (and one of the handful of statements a pass costs). The
-//! sequencer already reads each incoming row; joining its body there costs a primary-key
-//! lookup, not a round trip.
+//! sequencer already reads each incoming row (MySQL, SQLite) or moves it in one statement
+//! (PostgreSQL, which then also returns the moved rows); joining the body there costs a
+//! primary-key lookup, not a round trip.
 //!
 //! A hand-off is only a shortcut, never the source of truth. A processor takes it only while
 //! it knows its cursor exactly (its last ack was clean, so `attempts` and `retry_at` are reset)
@@ -22,7 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use dashmap::DashMap;
+use sea_orm::QueryResult;
 
+use crate::backend::get_time;
 use crate::message::{Message, decode_headers};
 
 /// One sequenced row with its body, as the sequencer read it.
@@ -36,6 +39,27 @@ pub(crate) struct HandedRow {
 }
 
 impl HandedRow {
+    /// The row at `seq` from a sequencer read that joined the body (`payload`, `payload_type`,
+    /// `headers`, `created_at`); `None` without a body (never expected: the processor then
+    /// reads and reports it as usual).
+    pub(crate) fn from_row(
+        r: &QueryResult,
+        seq: i64,
+        body_id: i64,
+    ) -> Result<Option<Self>, sea_orm::DbErr> {
+        let Some(payload) = r.try_get::<Option<Vec<u8>>>("", "payload")? else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            seq,
+            body_id,
+            payload: payload.into(),
+            payload_type: r.try_get("", "payload_type")?,
+            headers: r.try_get("", "headers")?,
+            created_at: get_time(r, "created_at")?,
+        }))
+    }
+
     /// The message as a processor delivers it (first attempt: the cursor was clean).
     pub(crate) fn into_message(self, queue: Arc<str>, partition: u32) -> Message {
         Message {
@@ -92,6 +116,15 @@ impl Handoffs {
     /// when one of its partitions does).
     pub(crate) fn is_open(&self, partition_id: i64) -> bool {
         self.slots.get(&partition_id).is_some_and(|s| s.open)
+    }
+
+    /// The partitions whose processor takes hand-offs now.
+    pub(crate) fn open_partitions(&self) -> Vec<i64> {
+        self.slots
+            .iter()
+            .filter(|s| s.open)
+            .map(|s| *s.key())
+            .collect()
     }
 
     /// Opens or closes a partition's slot; closing drops what waits.
@@ -212,23 +245,16 @@ mod tests {
         }
     }
 
-    /// The path is taken for real (SQLite; MySQL shares the sequencer code, and the
-    /// cross-backend suite checks what arrives): after the first ack, one message at a time
-    /// comes from hand-offs, not from reads.
-    #[tokio::test]
-    async fn a_trickle_is_delivered_from_hand_offs() {
+    /// The path is taken for real on every backend: after the first ack, messages enqueued one
+    /// at a time come from hand-offs, not from reads (the cross-backend suite checks what
+    /// arrives).
+    async fn a_trickle_is_delivered_from_hand_offs(db: modkit_outbox_tests::TestDb) {
         use sea_orm_migration::MigratorTrait;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("handoff.sqlite").display()
-        );
-        let db = sea_orm::Database::connect(&url).await.expect("connect");
-        modkit_outbox_migration::Migrator::up(&db, None)
+        modkit_outbox_migration::Migrator::up(&db.conn, None)
             .await
             .expect("migrate");
         let seen = Arc::new(AtomicU64::new(0));
-        let handle = crate::Outbox::builder(db.clone())
+        let handle = crate::Outbox::builder(db.conn.clone())
             .queue("h", crate::Partitions::of(1))
             .leased(Count(seen.clone()))
             .start()
@@ -237,14 +263,15 @@ mod tests {
         let outbox = handle.outbox();
         for i in 0..10u64 {
             outbox
-                .enqueue(&db, "h", 0, format!("m{i}"), "t")
+                .enqueue(&db.conn, "h", 0, format!("m{i}"), "t")
                 .await
                 .expect("enqueue");
             let end = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
             while seen.load(Ordering::SeqCst) <= i {
                 assert!(
                     tokio::time::Instant::now() < end,
-                    "message {i} not delivered"
+                    "{:?}: message {i} not delivered",
+                    db.backend
                 );
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
@@ -252,11 +279,14 @@ mod tests {
         let handed = outbox.inner.handoffs.delivered();
         assert!(
             handed >= 5,
-            "only {handed} of 9 possible batches were handed over"
+            "{:?}: only {handed} of 9 possible batches were handed over",
+            db.backend
         );
         assert_eq!(seen.load(Ordering::SeqCst), 10);
         handle.stop().await;
     }
+
+    modkit_outbox_tests::backend_tests!(a_trickle_is_delivered_from_hand_offs);
 
     #[test]
     fn a_gap_keeps_the_older_rows() {
