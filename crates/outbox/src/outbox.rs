@@ -36,7 +36,7 @@ pub(crate) struct Inner {
     /// when it processes none): a PostgreSQL sequencer pass tells the other instances whether
     /// a free lease will be taken here.
     pub(crate) processed_here: String,
-    /// Rows the sequencer hands straight to local leased processors (MySQL, SQLite).
+    /// Rows the sequencer hands straight to local leased processors.
     pub(crate) handoffs: crate::processor::handoff::Handoffs,
 }
 

@@ -403,7 +403,7 @@ async fn pass_group_postgres(inner: &Inner, ids: &[i64], hand: bool) -> Result<P
     let mut moved = 0usize;
     let (mut locked, mut found) = (0i64, ids.len() as i64);
     let mut woken = Vec::new();
-    let mut handed: BTreeMap<i64, (i64, Vec<HandedRow>)> = BTreeMap::new();
+    let mut handed: BTreeMap<i64, Vec<HandedRow>> = BTreeMap::new();
     for r in &rows {
         let body_id = if hand {
             r.try_get::<Option<i64>>("", "body_id")?
@@ -415,7 +415,7 @@ async fn pass_group_postgres(inner: &Inner, ids: &[i64], hand: bool) -> Result<P
                 // Committed already: a row that cannot be handed over is read as usual.
                 let seq: i64 = r.try_get("", "hi")?;
                 match HandedRow::from_row(r, seq, body_id) {
-                    Ok(Some(row)) => handed.entry(pid).or_default().1.push(row),
+                    Ok(Some(row)) => handed.entry(pid).or_default().push(row),
                     Ok(None) => {}
                     Err(e) => tracing::debug!(partition_id = pid, error = %e, "no hand-off"),
                 }
@@ -424,7 +424,7 @@ async fn pass_group_postgres(inner: &Inner, ids: &[i64], hand: bool) -> Result<P
                 let n: i64 = r.try_get("", "n")?;
                 moved += n as usize;
                 tracing::trace!(partition_id = pid, moved = n, "sequenced");
-                woken.push((pid, r.try_get::<i64>("", "hi")?, n));
+                woken.push((pid, r.try_get::<i64>("", "hi")?));
             }
             (None, _) => {
                 locked = r.try_get::<Option<i64>>("", "locked_n")?.unwrap_or(0);
@@ -434,18 +434,10 @@ async fn pass_group_postgres(inner: &Inner, ids: &[i64], hand: bool) -> Result<P
             }
         }
     }
-    for (pid, high, n) in woken {
-        if let Some((_, mut rows)) = handed.remove(&pid) {
+    for (pid, high) in woken {
+        if let Some(mut rows) = handed.remove(&pid) {
+            // Only a gapless run is kept (`offer`); the processor checks it starts at its cursor.
             rows.sort_unstable_by_key(|r| r.seq);
-            // From the partition's first moved row on, without a gap (rows without a body
-            // end the hand-off there).
-            let first = high - n + 1;
-            let keep = rows
-                .iter()
-                .enumerate()
-                .take_while(|(k, r)| r.seq == first + *k as i64)
-                .count();
-            rows.truncate(keep);
             inner.handoffs.offer(pid, high, rows);
         }
         inner.signals.wake_processor(pid);

@@ -96,7 +96,7 @@ struct Slot {
 #[derive(Default)]
 pub(crate) struct Handoffs {
     slots: DashMap<i64, Slot>,
-    /// Batches delivered from a hand-off (tests and debug logs).
+    /// Batches delivered from a hand-off (read by tests).
     delivered: AtomicU64,
 }
 
@@ -137,7 +137,8 @@ impl Handoffs {
         }
     }
 
-    /// Offers rows just committed (consecutive seqs) and the partition's new sequence. Rows
+    /// Offers rows just committed, in seq order, and the partition's new sequence. Only the
+    /// consecutive run from the first row is kept (a row missing from a pass ends it). Rows
     /// that continue what already waits are appended up to the cap; otherwise what waits is
     /// kept and only the sequence raised (the processor reads the rest).
     pub(crate) fn offer(&self, partition_id: i64, high: i64, mut rows: Vec<HandedRow>) {
@@ -147,6 +148,12 @@ impl Handoffs {
         if !s.open {
             return;
         }
+        let run = rows
+            .iter()
+            .zip(rows.first().map_or(0, |r| r.seq)..)
+            .take_while(|(r, seq)| r.seq == *seq)
+            .count();
+        rows.truncate(run);
         let cap = s.cap;
         match &mut s.waiting {
             Some(w) => {
