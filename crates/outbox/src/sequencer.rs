@@ -2,7 +2,9 @@
 //! sequence numbers 1, 2, 3… in incoming-id order among the rows visible at that moment.
 //!
 //! One pass, whatever the number of partitions, is one transaction of a handful of statements:
-//! 1. find partitions with incoming rows (plain read);
+//! 1. find partitions with incoming rows (plain read; while passes keep moving rows, MySQL and
+//!    SQLite find them inside step 2's statement instead, see
+//!    [`mysql::lock_partitions_with_rows`]);
 //! 2. lock their `partitions` rows with `SKIP LOCKED` (PostgreSQL `FOR NO KEY UPDATE`, which
 //!    the key-share locks of foreign-key checks do not conflict with; MySQL `FOR UPDATE` under READ
 //!    COMMITTED; SQLite's `BEGIN IMMEDIATE` already excludes other writers). Only the partitions
@@ -90,6 +92,15 @@ pub(crate) async fn pass(inner: &Inner, split: bool, hot: bool, hand: bool) -> R
         // A trickle: finding and moving the rows is one statement, one round trip.
         return pass_group_postgres(inner, &[], hand).await;
     }
+    if db.dialect == Dialect::MySql && hot && !split {
+        // Rows keep coming: lock the partitions that have rows without the probe below (one
+        // round trip less). A pass that moves nothing (or finds only partitions another
+        // instance holds) falls through to the probe, which reports skipped partitions.
+        let r = pass_group(inner, None, false, hand).await?;
+        if r.moved > 0 {
+            return Ok(r);
+        }
+    }
     if db.dialect == Dialect::Sqlite && hot {
         // One writer, often one connection shared with the producers: while rows keep coming,
         // find the partitions inside the pass's own transaction, so a pass queues for the
@@ -153,97 +164,16 @@ async fn pass_group(
     }
     let w = db.begin_bookkeeping().await?;
     let t = &w.txn;
-    let seq = d.q("sequence");
-    let (lock_sql, args) = match candidates {
-        Some(c) => (
-            format!(
-                "SELECT id, {seq} AS seq FROM modkit_outbox_partitions WHERE id IN ({}) \
-                 ORDER BY id{}",
-                placeholders(c.len()),
-                d.lock_skip_locked(),
-            ),
-            c.iter().map(|i| Value::from(*i)).collect(),
-        ),
-        None => (
-            format!(
-                "SELECT p.id, p.{seq} AS seq FROM modkit_outbox_partitions p WHERE EXISTS \
-                 (SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) \
-                 ORDER BY p.id LIMIT {MAX_PARTITIONS_PER_PASS}"
-            ),
-            Vec::new(),
-        ),
-    };
-    let locked: BTreeMap<i64, i64> = query_all(t, d, &lock_sql, args)
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get::<i64>("", "id")?, r.try_get::<i64>("", "seq")?)))
-        .collect::<std::result::Result<_, sea_orm::DbErr>>()?;
-    let skipped = candidates.is_some_and(|c| locked.len() < c.len());
-    if locked.is_empty() {
+    let Read {
+        locked,
+        rows,
+        skipped,
+        hand,
+    } = lock_then_read(inner, t, candidates, split, hand).await?;
+    if rows.is_empty() {
         w.rollback().await?;
         return Ok(PassResult { moved: 0, skipped });
     }
-
-    let per = inner.config.sequencer_batch as u64;
-    // A trickle pass also reads the bodies when a local leased processor can take them
-    // straight from this pass (see `processor::handoff`).
-    let hand = hand && !split && locked.keys().any(|p| inner.handoffs.is_open(*p));
-    let (body_cols, body_join) = if hand {
-        (
-            ", b.payload, b.payload_type, b.headers, b.created_at",
-            " LEFT JOIN modkit_outbox_body b ON b.id = i.body_id",
-        )
-    } else {
-        ("", "")
-    };
-    let rows = if d == Dialect::Sqlite {
-        // One writer: every committed row's id is above every earlier commit's, so the
-        // table's prefix in id order is a prefix of every partition's rows. Read it in
-        // rowid order (`NOT INDEXED`: no per-partition lookups and no sort; the scan stops
-        // at the limit, and at most skips rows of partitions this pass did not take), up to
-        // `per` rows for each partition in a backlog.
-        let limit = if split {
-            per * locked.len() as u64
-        } else {
-            per
-        };
-        let sql = format!(
-            "SELECT i.id, i.partition_id, i.body_id{body_cols} FROM modkit_outbox_incoming i \
-             NOT INDEXED{body_join} WHERE i.partition_id IN ({}) ORDER BY i.id LIMIT ?",
-            placeholders(locked.len())
-        );
-        let mut args: Vec<Value> = locked.keys().map(|id| Value::from(*id)).collect();
-        args.push(Value::from(limit));
-        query_all(t, d, &sql, args).await?
-    } else if split {
-        // A backlog: oldest rows first, up to `per` for each partition, in one statement.
-        let parts: Vec<String> = (0..locked.len())
-            .map(|i| {
-                format!(
-                    "SELECT * FROM (SELECT id, partition_id, body_id FROM modkit_outbox_incoming \
-                     WHERE partition_id = ? ORDER BY id LIMIT ?) t{i}"
-                )
-            })
-            .collect();
-        let mut args = Vec::with_capacity(2 * locked.len());
-        for id in locked.keys() {
-            args.push(Value::from(*id));
-            args.push(Value::from(per));
-        }
-        query_all(t, d, &parts.join(" UNION ALL "), args).await?
-    } else {
-        // A trickle: the oldest `per` rows of these partitions, without a derived table per
-        // partition (MariaDB materializes each). Any prefix in id order is a prefix of every
-        // partition's rows, so what is left over is simply moved by the next pass.
-        let sql = format!(
-            "SELECT i.id, i.partition_id, i.body_id{body_cols} FROM modkit_outbox_incoming i\
-             {body_join} WHERE i.partition_id IN ({}) ORDER BY i.id LIMIT ?",
-            placeholders(locked.len())
-        );
-        let mut args: Vec<Value> = locked.keys().map(|id| Value::from(*id)).collect();
-        args.push(Value::from(per));
-        query_all(t, d, &sql, args).await?
-    };
     // Per partition: (incoming id, body id, index of the row read).
     let mut by_partition: BTreeMap<i64, Vec<(i64, i64, usize)>> = BTreeMap::new();
     for (k, r) in rows.iter().enumerate() {
@@ -252,11 +182,6 @@ async fn pass_group(
         let body: i64 = r.try_get("", "body_id")?;
         by_partition.entry(pid).or_default().push((id, body, k));
     }
-    if by_partition.is_empty() {
-        w.rollback().await?;
-        return Ok(PassResult { moved: 0, skipped });
-    }
-
     let now_utc = chrono::Utc::now();
     let now = d.time(now_utc);
     let mut outgoing: Vec<(i64, i64, i64)> = Vec::with_capacity(rows.len());
@@ -349,6 +274,137 @@ async fn pass_group(
     Ok(PassResult {
         moved: incoming_ids.len(),
         skipped,
+    })
+}
+
+/// What a pass locked and read: each locked partition's sequence, the incoming rows (oldest
+/// first; with bodies when `hand`), and whether a candidate was skipped (another instance holds
+/// it).
+struct Read {
+    locked: BTreeMap<i64, i64>,
+    rows: Vec<sea_orm::QueryResult>,
+    skipped: bool,
+    hand: bool,
+}
+
+/// The body columns and join a trickle read adds when its rows go to a hand-off.
+fn body_sql(hand: bool) -> (&'static str, &'static str) {
+    if hand {
+        (
+            ", b.payload, b.payload_type, b.headers, b.created_at",
+            " LEFT JOIN modkit_outbox_body b ON b.id = i.body_id",
+        )
+    } else {
+        ("", "")
+    }
+}
+
+/// Locks the partitions (the `candidates`, or on SQLite those with incoming rows), then reads
+/// their oldest incoming rows: two statements.
+async fn lock_then_read(
+    inner: &Inner,
+    t: &sea_orm::DatabaseTransaction,
+    candidates: Option<&[i64]>,
+    split: bool,
+    hand: bool,
+) -> Result<Read> {
+    let d = inner.db.dialect;
+    let seq = d.q("sequence");
+    let (lock_sql, args) = match candidates {
+        Some(c) => (
+            format!(
+                "SELECT id, {seq} AS seq FROM modkit_outbox_partitions WHERE id IN ({}) \
+                 ORDER BY id{}",
+                placeholders(c.len()),
+                d.lock_skip_locked(),
+            ),
+            c.iter().map(|i| Value::from(*i)).collect(),
+        ),
+        None if d == Dialect::MySql => (
+            mysql::lock_partitions_with_rows(MAX_PARTITIONS_PER_PASS),
+            Vec::new(),
+        ),
+        None => (
+            format!(
+                "SELECT p.id, p.{seq} AS seq FROM modkit_outbox_partitions p WHERE EXISTS \
+                 (SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) \
+                 ORDER BY p.id LIMIT {MAX_PARTITIONS_PER_PASS}"
+            ),
+            Vec::new(),
+        ),
+    };
+    let locked: BTreeMap<i64, i64> = query_all(t, d, &lock_sql, args)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get::<i64>("", "id")?, r.try_get::<i64>("", "seq")?)))
+        .collect::<std::result::Result<_, sea_orm::DbErr>>()?;
+    let skipped = candidates.is_some_and(|c| locked.len() < c.len());
+    if locked.is_empty() {
+        return Ok(Read {
+            locked,
+            rows: Vec::new(),
+            skipped,
+            hand: false,
+        });
+    }
+    let per = inner.config.sequencer_batch as u64;
+    // A trickle pass also reads the bodies when a local leased processor can take them
+    // straight from this pass (see `processor::handoff`).
+    let hand = hand && !split && locked.keys().any(|p| inner.handoffs.is_open(*p));
+    let (body_cols, body_join) = body_sql(hand);
+    let rows = if d == Dialect::Sqlite {
+        // One writer: every committed row's id is above every earlier commit's, so the
+        // table's prefix in id order is a prefix of every partition's rows. Read it in
+        // rowid order (`NOT INDEXED`: no per-partition lookups and no sort; the scan stops
+        // at the limit, and at most skips rows of partitions this pass did not take), up to
+        // `per` rows for each partition in a backlog.
+        let limit = if split {
+            per * locked.len() as u64
+        } else {
+            per
+        };
+        let sql = format!(
+            "SELECT i.id, i.partition_id, i.body_id{body_cols} FROM modkit_outbox_incoming i \
+             NOT INDEXED{body_join} WHERE i.partition_id IN ({}) ORDER BY i.id LIMIT ?",
+            placeholders(locked.len())
+        );
+        let mut args: Vec<Value> = locked.keys().map(|id| Value::from(*id)).collect();
+        args.push(Value::from(limit));
+        query_all(t, d, &sql, args).await?
+    } else if split {
+        // A backlog: oldest rows first, up to `per` for each partition, in one statement.
+        let parts: Vec<String> = (0..locked.len())
+            .map(|i| {
+                format!(
+                    "SELECT * FROM (SELECT id, partition_id, body_id FROM modkit_outbox_incoming \
+                     WHERE partition_id = ? ORDER BY id LIMIT ?) t{i}"
+                )
+            })
+            .collect();
+        let mut args = Vec::with_capacity(2 * locked.len());
+        for id in locked.keys() {
+            args.push(Value::from(*id));
+            args.push(Value::from(per));
+        }
+        query_all(t, d, &parts.join(" UNION ALL "), args).await?
+    } else {
+        // A trickle: the oldest `per` rows of these partitions, without a derived table per
+        // partition (MariaDB materializes each). Any prefix in id order is a prefix of every
+        // partition's rows, so what is left over is simply moved by the next pass.
+        let sql = format!(
+            "SELECT i.id, i.partition_id, i.body_id{body_cols} FROM modkit_outbox_incoming i\
+             {body_join} WHERE i.partition_id IN ({}) ORDER BY i.id LIMIT ?",
+            placeholders(locked.len())
+        );
+        let mut args: Vec<Value> = locked.keys().map(|id| Value::from(*id)).collect();
+        args.push(Value::from(per));
+        query_all(t, d, &sql, args).await?
+    };
+    Ok(Read {
+        locked,
+        rows,
+        skipped,
+        hand,
     })
 }
 
