@@ -25,6 +25,7 @@
 use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_create_schema;
+mod m20261124_000002_sqlite_incoming_prefix;
 
 /// Every table the outbox owns, in creation (foreign-key) order. `down` drops them in reverse.
 pub const TABLES: [&str; 7] = [
@@ -39,7 +40,10 @@ pub const TABLES: [&str; 7] = [
 
 /// The outbox migrations, oldest first, for splicing into a host module's migrator.
 pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(m20261123_000001_create_schema::Migration)]
+    vec![
+        Box::new(m20261123_000001_create_schema::Migration),
+        Box::new(m20261124_000002_sqlite_incoming_prefix::Migration),
+    ]
 }
 
 /// Standalone migrator for the outbox schema (used by this crate's CLI and by the demo).

@@ -37,9 +37,10 @@ fn json(db: &TestDb, args: &[&str]) -> serde_json::Value {
 async fn cli_end_to_end(db: TestDb) {
     // migrate
     let st = json(&db, &["migrate", "status"]);
-    assert_eq!(st["pending"].as_array().map(Vec::len), Some(1));
+    assert_eq!(st["pending"].as_array().map(Vec::len), Some(2));
     let st = json(&db, &["migrate", "up"]);
     assert_eq!(st["applied"][0], "m20261123_000001_create_schema");
+    assert_eq!(st["applied"][1], "m20261124_000002_sqlite_incoming_prefix");
     assert_eq!(st["pending"].as_array().map(Vec::len), Some(0));
 
     // demo: one dead letter (the negative amount)
@@ -162,7 +163,7 @@ async fn cli_end_to_end(db: TestDb) {
     let refused = outbox(&db, &["migrate", "down"]);
     assert_eq!(refused.status.code(), Some(5));
     let st = json(&db, &["migrate", "down", "--yes"]);
-    assert_eq!(st["pending"].as_array().map(Vec::len), Some(1));
+    assert_eq!(st["pending"].as_array().map(Vec::len), Some(2));
 }
 
 async fn cli_reports_unreachable_database(db: TestDb) {

@@ -103,11 +103,22 @@ pub(crate) async fn pass(inner: &Inner, split: bool, hot: bool, hand: bool) -> R
             return Ok(r);
         }
     }
-    if db.dialect == Dialect::Sqlite && hot {
-        // One writer, often one connection shared with the producers: while rows keep coming,
-        // find the partitions inside the pass's own transaction, so a pass queues for the
-        // connection once. Otherwise (re-checks while a commit may still be on its way) the
-        // probe below is a plain read that takes no write lock.
+    if db.dialect == Dialect::Sqlite {
+        // One writer, often one connection shared with the producers: the pass finds its rows
+        // inside its own transaction (a prefix of `incoming`), so it queues for the connection
+        // once. Only re-checks (while a commit may still be on its way) look first, with a
+        // plain read that takes no write lock, so an idle engine does not take it either.
+        if !hot
+            && db
+                .query_all(
+                    "SELECT 1 AS one FROM modkit_outbox_incoming LIMIT 1",
+                    vec![],
+                )
+                .await?
+                .is_empty()
+        {
+            return Ok(PassResult::default());
+        }
         return pass_group(inner, None, split, hand).await;
     }
     // One index probe per partition row: cheap however large the incoming backlog is.
@@ -171,7 +182,11 @@ async fn pass_group(
         rows,
         skipped,
         hand,
-    } = lock_then_read(inner, t, candidates, split, hand).await?;
+    } = if d == Dialect::Sqlite {
+        sqlite_read(inner, t, split, hand).await?
+    } else {
+        lock_then_read(inner, t, candidates, split, hand).await?
+    };
     if rows.is_empty() {
         w.rollback().await?;
         return Ok(PassResult { moved: 0, skipped });
@@ -301,8 +316,8 @@ fn body_sql(hand: bool) -> (&'static str, &'static str) {
     }
 }
 
-/// Locks the partitions (the `candidates`, or on SQLite those with incoming rows), then reads
-/// their oldest incoming rows: two statements.
+/// PostgreSQL (backlog groups) and MySQL: locks the partitions (the `candidates`, or on MySQL
+/// those with incoming rows), then reads their oldest incoming rows: two statements.
 async fn lock_then_read(
     inner: &Inner,
     t: &sea_orm::DatabaseTransaction,
@@ -322,16 +337,8 @@ async fn lock_then_read(
             ),
             c.iter().map(|i| Value::from(*i)).collect(),
         ),
-        None if d == Dialect::MySql => (
-            mysql::lock_partitions_with_rows(MAX_PARTITIONS_PER_PASS),
-            Vec::new(),
-        ),
         None => (
-            format!(
-                "SELECT p.id, p.{seq} AS seq FROM modkit_outbox_partitions p WHERE EXISTS \
-                 (SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) \
-                 ORDER BY p.id LIMIT {MAX_PARTITIONS_PER_PASS}"
-            ),
+            mysql::lock_partitions_with_rows(MAX_PARTITIONS_PER_PASS),
             Vec::new(),
         ),
     };
@@ -354,26 +361,8 @@ async fn lock_then_read(
     // straight from this pass (see `processor::handoff`).
     let hand = hand && !split && locked.keys().any(|p| inner.handoffs.is_open(*p));
     let (body_cols, body_join) = body_sql(hand);
-    let rows = if d == Dialect::Sqlite {
-        // One writer: every committed row's id is above every earlier commit's, so the
-        // table's prefix in id order is a prefix of every partition's rows. Read it in
-        // rowid order (`NOT INDEXED`: no per-partition lookups and no sort; the scan stops
-        // at the limit, and at most skips rows of partitions this pass did not take), up to
-        // `per` rows for each partition in a backlog.
-        let limit = if split {
-            per * locked.len() as u64
-        } else {
-            per
-        };
-        let sql = format!(
-            "SELECT i.id, i.partition_id, i.body_id{body_cols} FROM modkit_outbox_incoming i \
-             NOT INDEXED{body_join} WHERE i.partition_id IN ({}) ORDER BY i.id LIMIT ?",
-            placeholders(locked.len())
-        );
-        let mut args: Vec<Value> = locked.keys().map(|id| Value::from(*id)).collect();
-        args.push(Value::from(limit));
-        query_all(t, d, &sql, args).await?
-    } else if split {
+    let rows = if split {
+        // A backlog: oldest rows first, up to `per` for each partition, in one statement.    } else if split {
         // A backlog: oldest rows first, up to `per` for each partition, in one statement.
         let parts: Vec<String> = (0..locked.len())
             .map(|i| {
@@ -406,6 +395,76 @@ async fn lock_then_read(
         locked,
         rows,
         skipped,
+        hand,
+    })
+}
+
+/// SQLite: one writer (`BEGIN IMMEDIATE` excludes every other), so every committed incoming
+/// row's id is above every earlier commit's, and the table's prefix in id order is a prefix of
+/// every partition's rows. Reads that prefix in rowid order (`NOT INDEXED`: no per-partition
+/// lookups, no sort; `incoming` has no partition index on SQLite, see the migration
+/// `m20261124_000002`), `sequencer_batch` rows, or in a backlog that many for each of this
+/// instance's partitions, then the sequences of the partitions found.
+async fn sqlite_read(
+    inner: &Inner,
+    t: &sea_orm::DatabaseTransaction,
+    split: bool,
+    hand: bool,
+) -> Result<Read> {
+    let d = inner.db.dialect;
+    let per = inner.config.sequencer_batch as u64;
+    let limit = if split {
+        let partitions: usize = inner.queues.values().map(|q| q.partition_ids.len()).sum();
+        per * partitions.clamp(1, MAX_PARTITIONS_PER_PASS) as u64
+    } else {
+        per
+    };
+    let hand = hand && !split && !inner.handoffs.open_partitions().is_empty();
+    let (body_cols, body_join) = body_sql(hand);
+    let read = query_all(
+        t,
+        d,
+        &format!(
+            "SELECT i.id, i.partition_id, i.body_id{body_cols} FROM modkit_outbox_incoming i \
+             NOT INDEXED{body_join} ORDER BY i.id LIMIT ?"
+        ),
+        vec![Value::from(limit)],
+    )
+    .await?;
+    let mut pids = Vec::new();
+    for r in &read {
+        pids.push(r.try_get::<i64>("", "partition_id")?);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    let seq = d.q("sequence");
+    let mut locked = BTreeMap::new();
+    for chunk in pids.chunks(MAX_IN_LIST) {
+        for r in query_all(
+            t,
+            d,
+            &format!(
+                "SELECT id, {seq} AS seq FROM modkit_outbox_partitions WHERE id IN ({})",
+                placeholders(chunk.len())
+            ),
+            chunk.iter().map(|i| Value::from(*i)).collect(),
+        )
+        .await?
+        {
+            locked.insert(r.try_get::<i64>("", "id")?, r.try_get::<i64>("", "seq")?);
+        }
+    }
+    // A row whose partition row is missing (never written by the engine) stays where it is.
+    let mut rows = Vec::with_capacity(read.len());
+    for r in read {
+        if locked.contains_key(&r.try_get::<i64>("", "partition_id")?) {
+            rows.push(r);
+        }
+    }
+    Ok(Read {
+        locked,
+        rows,
+        skipped: false,
         hand,
     })
 }
