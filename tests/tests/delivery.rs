@@ -724,6 +724,52 @@ async fn trickle_messages_arrive_as_enqueued(db: TestDb) {
     handle.stop().await;
 }
 
+/// Incoming rows whose partition row does not exist (no foreign key guards `incoming`: a hand
+/// edit, a partial restore) sit at the head of the table and fill a whole `sequencer_batch`;
+/// they must not hold up the rows behind them, and they are left alone.
+async fn rows_of_a_missing_partition_block_nothing(db: TestDb) {
+    migrate(&db).await;
+    for body in 1..=3 {
+        db.conn
+            .execute_unprepared(&format!(
+                "INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES (987654, {body})"
+            ))
+            .await
+            .expect("orphan row");
+    }
+    let handler = FailOnce::default();
+    let handle = Outbox::builder(db.conn.clone())
+        .config(OutboxConfig {
+            sequencer_batch: 2,
+            ..fast_config()
+        })
+        .queue("o", Partitions::of(2))
+        .leased(handler.clone())
+        .start()
+        .await
+        .expect("start");
+    let outbox = handle.outbox();
+    for i in 0..6u32 {
+        outbox
+            .enqueue(&db.conn, "o", i % 2, format!("m-{i}"), "t")
+            .await
+            .expect("enqueue");
+    }
+    assert!(
+        handler.rec.wait_for(6, Duration::from_secs(15)).await,
+        "{:?}: only {} of 6 delivered behind the orphan rows",
+        db.backend,
+        handler.rec.len()
+    );
+    handle.stop().await;
+    assert_eq!(
+        count(&db.conn, "modkit_outbox_incoming").await,
+        3,
+        "{:?}: the orphan rows stay where they are",
+        db.backend
+    );
+}
+
 async fn wake_up_is_prompt_without_polling(db: TestDb) {
     migrate(&db).await;
     let config = OutboxConfig {
@@ -917,5 +963,6 @@ backend_tests!(
     retries_back_off_then_dead_letter,
     vacuum_empties_tables_after_drain,
     trickle_messages_arrive_as_enqueued,
+    rows_of_a_missing_partition_block_nothing,
     wake_up_is_prompt_without_polling,
 );

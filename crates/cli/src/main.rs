@@ -98,7 +98,7 @@ enum Command {
 enum MigrateAction {
     /// Apply pending migrations.
     Up,
-    /// Roll back the last migration (drops the outbox tables).
+    /// Roll back every outbox migration (drops the outbox tables).
     Down {
         /// Do not ask for confirmation.
         #[arg(long)]

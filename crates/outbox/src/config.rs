@@ -91,7 +91,9 @@ pub struct OutboxConfig {
     pub max_payload_bytes: usize,
     /// Messages per handler batch ([`DEFAULT_BATCH_SIZE`]).
     pub batch_size: usize,
-    /// Incoming rows sequenced per partition per pass ([`DEFAULT_SEQUENCER_BATCH`]).
+    /// Incoming rows sequenced per partition per pass ([`DEFAULT_SEQUENCER_BATCH`]). At a
+    /// trickle, and always on SQLite (one writer: it reads the oldest rows of all partitions
+    /// together), this many rows per pass, or in a backlog this many times the partition count.
     pub sequencer_batch: usize,
     /// Concurrent sequencer transactions; `None` = the backend's default
     /// ([`DEFAULT_SEQUENCER_WORKERS`] on PostgreSQL, [`DEFAULT_SEQUENCER_WORKERS_MYSQL`] on

@@ -2,16 +2,18 @@
 //! sequence numbers 1, 2, 3… in incoming-id order among the rows visible at that moment.
 //!
 //! One pass, whatever the number of partitions, is one transaction of a handful of statements:
-//! 1. find partitions with incoming rows (plain read; while passes keep moving rows, MySQL and
-//!    SQLite find them inside step 2's statement instead, see
-//!    [`mysql::lock_partitions_with_rows`]);
+//! 1. find partitions with incoming rows (plain read; while passes keep moving rows, MySQL
+//!    finds them inside step 2's statement instead, see [`mysql::lock_partitions_with_rows`];
+//!    SQLite never looks for candidates, see step 3);
 //! 2. lock their `partitions` rows with `SKIP LOCKED` (PostgreSQL `FOR NO KEY UPDATE`, which
 //!    the key-share locks of foreign-key checks do not conflict with; MySQL `FOR UPDATE` under READ
 //!    COMMITTED; SQLite's `BEGIN IMMEDIATE` already excludes other writers). Only the partitions
 //!    this pass works on are locked, and the locks are on `partitions` rows, never on the
 //!    incoming rows of other partitions;
 //! 3. read up to `sequencer_batch` incoming rows per locked partition, oldest first (at a
-//!    trickle: the oldest `sequencer_batch` rows of the locked partitions together);
+//!    trickle: the oldest `sequencer_batch` rows of the locked partitions together; SQLite,
+//!    with one writer, reads the oldest rows of the whole table, joined to their partitions'
+//!    sequences, see `sqlite_read`);
 //! 4. insert them into `outgoing`, advance each partition's `sequence`, delete them from
 //!    `incoming` by primary key (and check that every row was still there). On MySQL these
 //!    writes go as one text-protocol batch per 500 rows ([`mysql::sequence_writes`]);
@@ -161,9 +163,9 @@ pub(crate) async fn pass(inner: &Inner, split: bool, hot: bool, hand: bool) -> R
     Ok(total)
 }
 
-/// Sequences one group of partitions in one transaction: the `candidates`, or (`None`, SQLite,
-/// whose `BEGIN IMMEDIATE` already excludes every other writer) whichever partitions have
-/// incoming rows when the transaction starts.
+/// Sequences one group of partitions in one transaction: the `candidates`, or (`None`: a busy
+/// MySQL pass, or SQLite, whose `BEGIN IMMEDIATE` already excludes every other writer)
+/// whichever partitions have incoming rows when the transaction starts.
 async fn pass_group(
     inner: &Inner,
     candidates: Option<&[i64]>,
@@ -316,8 +318,9 @@ fn body_sql(hand: bool) -> (&'static str, &'static str) {
     }
 }
 
-/// PostgreSQL (backlog groups) and MySQL: locks the partitions (the `candidates`, or on MySQL
-/// those with incoming rows), then reads their oldest incoming rows: two statements.
+/// MySQL: locks the partitions (the `candidates`, or with `None` those with incoming rows),
+/// then reads their oldest incoming rows: two statements. (PostgreSQL's pass is one statement,
+/// SQLite's is `sqlite_read`.)
 async fn lock_then_read(
     inner: &Inner,
     t: &sea_orm::DatabaseTransaction,
@@ -362,7 +365,6 @@ async fn lock_then_read(
     let hand = hand && !split && locked.keys().any(|p| inner.handoffs.is_open(*p));
     let (body_cols, body_join) = body_sql(hand);
     let rows = if split {
-        // A backlog: oldest rows first, up to `per` for each partition, in one statement.    } else if split {
         // A backlog: oldest rows first, up to `per` for each partition, in one statement.
         let parts: Vec<String> = (0..locked.len())
             .map(|i| {
@@ -401,10 +403,10 @@ async fn lock_then_read(
 
 /// SQLite: one writer (`BEGIN IMMEDIATE` excludes every other), so every committed incoming
 /// row's id is above every earlier commit's, and the table's prefix in id order is a prefix of
-/// every partition's rows. Reads that prefix in rowid order (`NOT INDEXED`: no per-partition
-/// lookups, no sort; `incoming` has no partition index on SQLite, see the migration
-/// `m20261124_000002`), `sequencer_batch` rows, or in a backlog that many for each of this
-/// instance's partitions, then the sequences of the partitions found.
+/// every partition's rows. Reads that prefix in rowid order with each row's partition sequence
+/// (`NOT INDEXED`: no per-partition lookups, no sort; `incoming` has no partition index on
+/// SQLite, see the migration `m20261124_000002`): `sequencer_batch` rows, or in a backlog that
+/// many for each of this instance's partitions.
 async fn sqlite_read(
     inner: &Inner,
     t: &sea_orm::DatabaseTransaction,
@@ -421,45 +423,35 @@ async fn sqlite_read(
     };
     let hand = hand && !split && !inner.handoffs.open_partitions().is_empty();
     let (body_cols, body_join) = body_sql(hand);
+    // `incoming` is the outer loop in rowid order (no sort; `CROSS JOIN` keeps SQLite's planner
+    // from reordering); each row's partition is a primary-key lookup. The inner join skips a row whose partition row is missing (none
+    // without a foreign key is ever written by the engine) instead of letting it block the
+    // prefix for good.
     let read = query_all(
         t,
         d,
         &format!(
-            "SELECT i.id, i.partition_id, i.body_id{body_cols} FROM modkit_outbox_incoming i \
-             NOT INDEXED{body_join} ORDER BY i.id LIMIT ?"
+            "SELECT i.id, i.partition_id, i.body_id, p.\"sequence\" AS seq{body_cols} \
+             FROM modkit_outbox_incoming i NOT INDEXED \
+             CROSS JOIN modkit_outbox_partitions p ON p.id = i.partition_id{body_join} \
+             ORDER BY i.id LIMIT ?"
         ),
         vec![Value::from(limit)],
     )
     .await?;
-    let mut pids = Vec::new();
-    for r in &read {
-        pids.push(r.try_get::<i64>("", "partition_id")?);
-    }
-    pids.sort_unstable();
-    pids.dedup();
-    let seq = d.q("sequence");
+    // At most `MAX_PARTITIONS_PER_PASS` partitions per pass (bounded per-key statements):
+    // stop at the first row of one more. What is kept is still a prefix.
     let mut locked = BTreeMap::new();
-    for chunk in pids.chunks(MAX_IN_LIST) {
-        for r in query_all(
-            t,
-            d,
-            &format!(
-                "SELECT id, {seq} AS seq FROM modkit_outbox_partitions WHERE id IN ({})",
-                placeholders(chunk.len())
-            ),
-            chunk.iter().map(|i| Value::from(*i)).collect(),
-        )
-        .await?
-        {
-            locked.insert(r.try_get::<i64>("", "id")?, r.try_get::<i64>("", "seq")?);
-        }
-    }
-    // A row whose partition row is missing (never written by the engine) stays where it is.
     let mut rows = Vec::with_capacity(read.len());
     for r in read {
-        if locked.contains_key(&r.try_get::<i64>("", "partition_id")?) {
-            rows.push(r);
+        let pid: i64 = r.try_get("", "partition_id")?;
+        if !locked.contains_key(&pid) {
+            if locked.len() == MAX_PARTITIONS_PER_PASS {
+                break;
+            }
+            locked.insert(pid, r.try_get::<i64>("", "seq")?);
         }
+        rows.push(r);
     }
     Ok(Read {
         locked,
