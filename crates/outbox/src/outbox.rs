@@ -38,6 +38,9 @@ pub(crate) struct Inner {
     pub(crate) processed_here: String,
     /// Rows the sequencer hands straight to local leased processors.
     pub(crate) handoffs: crate::processor::handoff::Handoffs,
+    /// Where the sequencer's next probe window starts (partition id) when more partitions
+    /// have rows than one pass takes (see `sequencer::probe_window`).
+    pub(crate) sequencer_from: std::sync::atomic::AtomicI64,
 }
 
 /// The outbox: enqueue messages inside your transactions. Cheap to clone, `Send + Sync`.
@@ -315,6 +318,7 @@ impl OutboxBuilder {
                 signals: Arc::new(Signals::default()),
                 processed_here,
                 handoffs: Default::default(),
+                sequencer_from: Default::default(),
             }),
         })
     }

@@ -31,6 +31,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sea_orm::{ConnectionTrait, Value};
@@ -137,8 +138,12 @@ pub(crate) async fn pass(inner: &Inner, split: bool, hot: bool, hand: bool) -> R
     if candidates.is_empty() {
         return Ok(PassResult::default());
     }
-    // Bounded statement size (bind-parameter limits); the loop runs another pass for the rest.
-    let candidates = &candidates[..candidates.len().min(MAX_PARTITIONS_PER_PASS)];
+    // Bounded statement size (bind-parameter limits); the loop runs another pass for the rest,
+    // starting after where this one stopped.
+    let from = inner.sequencer_from.load(Ordering::Relaxed);
+    let (candidates, next) = probe_window(&candidates, from, MAX_PARTITIONS_PER_PASS);
+    inner.sequencer_from.store(next, Ordering::Relaxed);
+    let candidates = &candidates[..];
     let workers = match (db.dialect, inner.config.sequencer_workers) {
         (Dialect::Sqlite, _) => 1,
         // A trickle: one statement moves it all; more would only multiply round trips.
@@ -161,6 +166,28 @@ pub(crate) async fn pass(inner: &Inner, split: bool, hot: bool, hand: bool) -> R
         total.skipped |= r.skipped;
     }
     Ok(total)
+}
+
+/// The partitions one pass takes from the probe's `candidates` (ascending ids): all of them
+/// when they fit in `max`; otherwise `max` of them starting at the first id at or after `from`,
+/// wrapping around, so that with more busy partitions than one pass takes, every one gets its
+/// turn instead of the lowest ids taking every pass. Returns them in ascending order, with
+/// where the next window starts.
+fn probe_window(candidates: &[i64], from: i64, max: usize) -> (Vec<i64>, i64) {
+    if candidates.len() <= max {
+        return (candidates.to_vec(), 0);
+    }
+    let start = candidates.partition_point(|id| *id < from);
+    let mut window: Vec<i64> = candidates
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(max)
+        .copied()
+        .collect();
+    let next = candidates[(start + max) % candidates.len()];
+    window.sort_unstable();
+    (window, next)
 }
 
 /// Sequences one group of partitions in one transaction: the `candidates`, or (`None`: a busy
@@ -647,5 +674,28 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe_window;
+
+    #[test]
+    fn probe_windows_take_turns_when_too_many_partitions_have_rows() {
+        // Few enough: all, and the cursor resets.
+        assert_eq!(probe_window(&[3, 5, 9], 7, 4), (vec![3, 5, 9], 0));
+        // Too many: consecutive windows cover every partition, wrapping around.
+        let ids: Vec<i64> = (1..=10).map(|i| i * 10).collect();
+        let (w1, next) = probe_window(&ids, 0, 4);
+        assert_eq!(w1, vec![10, 20, 30, 40]);
+        let (w2, next) = probe_window(&ids, next, 4);
+        assert_eq!(w2, vec![50, 60, 70, 80]);
+        let (w3, next) = probe_window(&ids, next, 4);
+        assert_eq!(w3, vec![10, 20, 90, 100]);
+        assert_eq!(next, 30);
+        // A cursor past the last id starts over; one between ids starts at the next one.
+        assert_eq!(probe_window(&ids, 1000, 4).0, vec![10, 20, 30, 40]);
+        assert_eq!(probe_window(&ids, 55, 4).0, vec![60, 70, 80, 90]);
     }
 }
