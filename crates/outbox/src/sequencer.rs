@@ -124,13 +124,29 @@ pub(crate) async fn pass(inner: &Inner, split: bool, hot: bool, hand: bool) -> R
         }
         return pass_group(inner, None, split, hand).await;
     }
-    // One index probe per partition row: cheap however large the incoming backlog is.
-    let candidates: Vec<i64> = db
-        .query_all(
-            "SELECT p.id FROM modkit_outbox_partitions p WHERE EXISTS \
-             (SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) ORDER BY p.id",
-            vec![],
+    // One index probe per partition row: cheap however large the incoming backlog is. MySQL
+    // leaves partitions another live instance holds the lease of to that instance's sequencer
+    // (no `NOTIFY` would wake its processors; see `mysql::NOT_LEASED_ELSEWHERE`).
+    let (probe, args) = if db.dialect == Dialect::MySql {
+        (
+            format!(
+                "SELECT p.id FROM modkit_outbox_partitions p WHERE EXISTS \
+                 (SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) \
+                 AND {} ORDER BY p.id",
+                mysql::NOT_LEASED_ELSEWHERE
+            ),
+            not_leased_elsewhere_args(inner),
         )
+    } else {
+        (
+            "SELECT p.id FROM modkit_outbox_partitions p WHERE EXISTS \
+             (SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) ORDER BY p.id"
+                .to_owned(),
+            Vec::new(),
+        )
+    };
+    let candidates: Vec<i64> = db
+        .query_all(&probe, args)
         .await?
         .iter()
         .map(|r| r.try_get::<i64>("", "id"))
@@ -188,6 +204,14 @@ fn probe_window(candidates: &[i64], from: i64, max: usize) -> (Vec<i64>, i64) {
     let next = candidates[(start + max) % candidates.len()];
     window.sort_unstable();
     (window, next)
+}
+
+/// The binds of [`mysql::NOT_LEASED_ELSEWHERE`].
+fn not_leased_elsewhere_args(inner: &Inner) -> Vec<Value> {
+    vec![
+        Value::from(inner.instance_id.as_str()),
+        inner.db.dialect.time(chrono::Utc::now()),
+    ]
 }
 
 /// Sequences one group of partitions in one transaction: the `candidates`, or (`None`: a busy
@@ -313,6 +337,7 @@ async fn pass_group(
         inner.signals.wake_processor(*pid);
     }
     tracing::debug!(
+        instance = %inner.instance_id,
         moved = incoming_ids.len(),
         partitions = new_seq.len(),
         "sequencer pass"
@@ -369,7 +394,7 @@ async fn lock_then_read(
         ),
         None => (
             mysql::lock_partitions_with_rows(MAX_PARTITIONS_PER_PASS),
-            Vec::new(),
+            not_leased_elsewhere_args(inner),
         ),
     };
     let locked: BTreeMap<i64, i64> = query_all(t, d, &lock_sql, args)
@@ -579,7 +604,12 @@ async fn pass_group_postgres(inner: &Inner, ids: &[i64], hand: bool) -> Result<P
         inner.signals.wake_processor(pid);
     }
     if moved > 0 {
-        tracing::debug!(moved, partitions = locked, "sequencer pass");
+        tracing::debug!(
+            instance = %inner.instance_id,
+            moved,
+            partitions = locked,
+            "sequencer pass"
+        );
     }
     Ok(PassResult {
         moved,

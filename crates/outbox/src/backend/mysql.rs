@@ -81,14 +81,26 @@ pub(crate) fn sequence_writes(
 /// too. `SKIP LOCKED` drops a partition another sequencer holds. (Folding the incoming read in
 /// as well, with a locking join, was measured and is slower: paired MariaDB B=1 runs, p50
 /// 9.5 against 6.0 ms; its derived tables, sort and row locks cost more than the round trip.)
+///
+/// Binds: this instance's id and the current time, for [`NOT_LEASED_ELSEWHERE`].
 pub(crate) fn lock_partitions_with_rows(limit: usize) -> String {
     format!(
         "SELECT p.id, p.`sequence` AS seq \
          FROM (SELECT DISTINCT partition_id FROM modkit_outbox_incoming LIMIT {limit}) k \
          STRAIGHT_JOIN modkit_outbox_partitions p FORCE INDEX (PRIMARY) ON p.id = k.partition_id \
-         ORDER BY p.id FOR UPDATE SKIP LOCKED"
+         WHERE {NOT_LEASED_ELSEWHERE} ORDER BY p.id FOR UPDATE SKIP LOCKED"
     )
 }
+
+/// Condition on `p` (a `partitions` row): no other instance holds a live lease on it. MySQL
+/// has no `NOTIFY`: rows another instance's sequencer moved do not wake the lease holder's
+/// processors (nor reach them as a hand-off), so they waited for the holder's next pass or its
+/// reconcile. Every lease holder runs a sequencer, so a MySQL sequencer leaves such partitions
+/// to it (a free or expired lease is anyone's). Binds: this instance's id, the current time.
+/// A plain subquery: it reads `processor` without locking it, also inside a locking statement
+/// (checked with a second session and `NOWAIT`), so lease renewals never wait on a pass.
+pub(crate) const NOT_LEASED_ELSEWHERE: &str = "NOT EXISTS (SELECT 1 FROM modkit_outbox_processor \
+     pr WHERE pr.partition_id = p.id AND pr.locked_by <> ? AND pr.locked_until > ?)";
 
 fn push_list<'a>(sql: &mut String, ids: impl Iterator<Item = &'a i64>) {
     for (k, id) in ids.enumerate() {
@@ -144,7 +156,7 @@ mod tests {
             let c = &db.conn;
             let run = |sql: String| async move { c.execute_unprepared(&sql).await.expect(&sql) };
             run("INSERT INTO modkit_outbox_partitions (queue, `partition`) VALUES \
-                 ('q', 0), ('q', 1), ('q', 2), ('q', 3)"
+                 ('q', 0), ('q', 1), ('q', 2), ('q', 3), ('q', 4), ('q', 5)"
                 .into())
             .await;
             let ids: Vec<i64> = c
@@ -158,9 +170,18 @@ mod tests {
                 .map(|r| r.try_get::<i64>("", "id").expect("id"))
                 .collect();
             let (held, free, pending, empty) = (ids[0], ids[1], ids[2], ids[3]);
+            // Leased by another live instance / by one whose lease expired.
+            let (elsewhere, expired) = (ids[4], ids[5]);
             run(format!(
                 "INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES \
-                 ({held}, 1), ({free}, 2), ({free}, 3)"
+                 ({held}, 1), ({free}, 2), ({free}, 3), ({elsewhere}, 4), ({expired}, 5)"
+            ))
+            .await;
+            run(format!(
+                "INSERT INTO modkit_outbox_processor (partition_id, locked_by, locked_until) VALUES \
+                 ({elsewhere}, 'other', UTC_TIMESTAMP(6) + INTERVAL 1 HOUR), \
+                 ({expired}, 'other', UTC_TIMESTAMP(6) - INTERVAL 1 HOUR), \
+                 ({free}, 'me', UTC_TIMESTAMP(6) + INTERVAL 1 HOUR)"
             ))
             .await;
             let rc = || c.begin_with_config(Some(IsolationLevel::ReadCommitted), None);
@@ -182,28 +203,37 @@ mod tests {
 
             let pass = rc().await.expect("begin");
             let locked: Vec<i64> = pass
-                .query_all_raw(sea_orm::Statement::from_string(
+                .query_all_raw(sea_orm::Statement::from_sql_and_values(
                     sea_orm::DbBackend::MySql,
                     lock_partitions_with_rows(500),
+                    [
+                        sea_orm::Value::from("me"),
+                        sea_orm::Value::from(chrono::Utc::now()),
+                    ],
                 ))
                 .await
                 .expect("lock")
                 .iter()
                 .map(|r| r.try_get::<i64>("", "id").expect("id"))
                 .collect();
-            assert_eq!(locked, vec![free]);
+            // Not `held` (locked), `pending` (uncommitted) or `empty`; not `elsewhere`, whose
+            // live lease belongs to another instance; `expired`'s lease is anyone's.
+            assert_eq!(locked, vec![free, expired]);
 
             // Nothing but `free`'s partition row is locked by the pass.
-            for (table, id) in [
-                ("modkit_outbox_partitions", pending),
-                ("modkit_outbox_partitions", empty),
-                ("modkit_outbox_incoming", 2),
-                ("modkit_outbox_incoming", 3),
+            for (table, key, id) in [
+                ("modkit_outbox_partitions", "id", pending),
+                ("modkit_outbox_partitions", "id", empty),
+                ("modkit_outbox_partitions", "id", elsewhere),
+                ("modkit_outbox_processor", "partition_id", elsewhere),
+                ("modkit_outbox_processor", "partition_id", free),
+                ("modkit_outbox_incoming", "id", 2),
+                ("modkit_outbox_incoming", "id", 3),
             ] {
                 let probe = rc().await.expect("begin");
                 probe
                     .execute_unprepared(&format!(
-                        "SELECT id FROM {table} WHERE id = {id} FOR UPDATE NOWAIT"
+                        "SELECT {key} FROM {table} WHERE {key} = {id} FOR UPDATE NOWAIT"
                     ))
                     .await
                     .unwrap_or_else(|e| panic!("{table} row {id} is locked: {e}"));
