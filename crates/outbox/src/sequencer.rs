@@ -127,24 +127,15 @@ pub(crate) async fn pass(inner: &Inner, split: bool, hot: bool, hand: bool) -> R
     // One index probe per partition row: cheap however large the incoming backlog is. MySQL
     // leaves partitions another live instance holds the lease of to that instance's sequencer
     // (no `NOTIFY` would wake its processors; see `mysql::NOT_LEASED_ELSEWHERE`).
-    let (probe, args) = if db.dialect == Dialect::MySql {
-        (
-            format!(
-                "SELECT p.id FROM modkit_outbox_partitions p WHERE EXISTS \
-                 (SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) \
-                 AND {} ORDER BY p.id",
-                mysql::NOT_LEASED_ELSEWHERE
-            ),
-            not_leased_elsewhere_args(inner),
-        )
-    } else {
-        (
-            "SELECT p.id FROM modkit_outbox_partitions p WHERE EXISTS \
-             (SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) ORDER BY p.id"
-                .to_owned(),
-            Vec::new(),
-        )
-    };
+    let mut probe = "SELECT p.id FROM modkit_outbox_partitions p WHERE EXISTS \
+         (SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id)"
+        .to_owned();
+    let mut args = Vec::new();
+    if db.dialect == Dialect::MySql {
+        probe = format!("{probe} AND {}", mysql::NOT_LEASED_ELSEWHERE);
+        args = not_leased_elsewhere_args(inner);
+    }
+    probe.push_str(" ORDER BY p.id");
     let candidates: Vec<i64> = db
         .query_all(&probe, args)
         .await?
@@ -159,7 +150,6 @@ pub(crate) async fn pass(inner: &Inner, split: bool, hot: bool, hand: bool) -> R
     let from = inner.sequencer_from.load(Ordering::Relaxed);
     let (candidates, next) = probe_window(&candidates, from, MAX_PARTITIONS_PER_PASS);
     inner.sequencer_from.store(next, Ordering::Relaxed);
-    let candidates = &candidates[..];
     let workers = match (db.dialect, inner.config.sequencer_workers) {
         (Dialect::Sqlite, _) => 1,
         // A trickle: one statement moves it all; more would only multiply round trips.
@@ -473,12 +463,12 @@ async fn sqlite_read(
     } else {
         per
     };
-    let hand = hand && !split && !inner.handoffs.open_partitions().is_empty();
+    let hand = hand && !split && inner.handoffs.any_open();
     let (body_cols, body_join) = body_sql(hand);
     // `incoming` is the outer loop in rowid order (no sort; `CROSS JOIN` keeps SQLite's planner
-    // from reordering); each row's partition is a primary-key lookup. The inner join skips a row whose partition row is missing (none
-    // without a foreign key is ever written by the engine) instead of letting it block the
-    // prefix for good.
+    // from reordering); each row's partition is a primary-key lookup. The inner join skips a
+    // row whose partition row is missing (the engine never writes one; no foreign key stops a
+    // hand edit) instead of letting it block the prefix for good.
     let read = query_all(
         t,
         d,
@@ -650,7 +640,7 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
                     error_backoff = Duration::from_millis(50);
                     recheck = RECHECK_MIN;
                     skipped_rounds = 0;
-                    if r.moved < LINGER_BELOW {
+                    if small {
                         // A trickle: let a few more commits arrive so the next pass moves them
                         // together (a pass costs the same for 1 row or 100). Bounded, tiny.
                         if linger.is_zero() {

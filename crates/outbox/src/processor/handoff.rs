@@ -118,6 +118,11 @@ impl Handoffs {
         self.slots.get(&partition_id).is_some_and(|s| s.open)
     }
 
+    /// Whether any local processor takes hand-offs now.
+    pub(crate) fn any_open(&self) -> bool {
+        self.slots.iter().any(|s| s.open)
+    }
+
     /// The partitions whose processor takes hand-offs now.
     pub(crate) fn open_partitions(&self) -> Vec<i64> {
         self.slots
