@@ -127,10 +127,20 @@ async fn count(c: &sea_orm::DatabaseConnection, table: &str) -> Result<i64, sea_
         .unwrap_or(0))
 }
 
+/// Drops and re-creates the outbox schema; returns the one-connection pool it used. One
+/// connection: sea-orm's `fresh` turns SQLite's `PRAGMA foreign_keys` off, drops, and turns it
+/// back on as separate statements, and on a bigger pool a `DROP TABLE` could run on another
+/// connection with the checks still on and fail on the previous run's rows (a CI smoke run
+/// did: "FOREIGN KEY constraint failed").
+async fn fresh_schema(url: &str) -> Result<sea_orm::DatabaseConnection, sea_orm::DbErr> {
+    let admin = connect(url, 1).await?;
+    modkit_outbox_migration::Migrator::fresh(&admin).await?;
+    Ok(admin)
+}
+
 pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std::error::Error>> {
     let b = target.backend;
-    let admin = connect(&target.url, 2).await?;
-    modkit_outbox_migration::Migrator::fresh(&admin).await?;
+    let admin = fresh_schema(&target.url).await?;
     let log = Log::default();
     let config = OutboxConfig {
         sequencer_workers: args.sequencer_workers,
@@ -322,8 +332,7 @@ async fn produce(
 /// transactions cost and what the running pipeline takes from them. On PostgreSQL a
 /// producer-only process also `NOTIFY`s on each commit, which a process with a sequencer skips.
 pub async fn enqueue_only(args: &Args, target: &Target) -> Result<f64, Box<dyn std::error::Error>> {
-    let admin = connect(&target.url, 2).await?;
-    modkit_outbox_migration::Migrator::fresh(&admin).await?;
+    fresh_schema(&target.url).await?;
     let conn = connect(
         &target.url,
         pool_size(target.backend, args.producers as u32),
