@@ -250,6 +250,20 @@ async fn connect(url: &str) -> Result<DatabaseConnection, Failure> {
         .map_err(|e| fail(exit::ERROR, format!("cannot connect to the database: {e}")))
 }
 
+/// A one-connection pool for migrations. sea-orm's `fresh` on SQLite turns `PRAGMA
+/// foreign_keys` off, drops the tables and turns it back on as separate statements: on a bigger
+/// pool a `DROP TABLE` can run on another connection with the checks still on and fail on the
+/// rows it finds. Migrations run one statement at a time anyway.
+async fn connect_migrator(url: &str) -> Result<DatabaseConnection, Failure> {
+    let mut o = ConnectOptions::new(url.to_owned());
+    o.sqlx_logging(false)
+        .max_connections(1)
+        .connect_timeout(Duration::from_secs(10));
+    Database::connect(o)
+        .await
+        .map_err(|e| fail(exit::ERROR, format!("cannot connect to the database: {e}")))
+}
+
 /// Asks before a destructive action; refuses without a terminal.
 fn confirm(yes: bool, what: &str) -> Result<(), Failure> {
     if yes {
@@ -302,7 +316,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             .await
             .map_err(|e| fail(exit::ERROR, e.to_string())),
         Command::Migrate { action } => {
-            let db = connect(&cli.database_url).await?;
+            let db = connect_migrator(&cli.database_url).await?;
             migrate(&db, action, cli.json).await
         }
         Command::Stats { watch, interval } => {

@@ -159,6 +159,24 @@ async fn cli_end_to_end(db: TestDb) {
     );
     assert_eq!(d["discarded"], 2);
 
+    // fresh asks first, then drops the populated tables (partitions, processor rows, dead
+    // letters: rows behind foreign keys) and migrates again
+    let refused = outbox(&db, &["migrate", "fresh"]);
+    assert_eq!(refused.status.code(), Some(5));
+    let st = json(&db, &["migrate", "fresh", "--yes"]);
+    assert_eq!(st["applied"].as_array().map(Vec::len), Some(2));
+    assert_eq!(st["pending"].as_array().map(Vec::len), Some(0));
+    let stats = json(&db, &["stats"]);
+    assert_eq!(stats["partitions"].as_array().map(Vec::len), Some(0));
+    assert_eq!(
+        json(&db, &["dead-letters", "list", "--status", "discarded"])["items"]
+            .as_array()
+            .map(Vec::len),
+        Some(0),
+        "fresh emptied every table"
+    );
+    ok(&db, &["demo"]);
+
     // down asks first, then drops everything
     let refused = outbox(&db, &["migrate", "down"]);
     assert_eq!(refused.status.code(), Some(5));
