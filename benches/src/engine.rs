@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::db::{Target, connect, pool_size};
 use crate::stats::{Latency, latency, peak_rss_mib};
-use crate::{Args, Mode};
+use crate::{Args, Mode, ProducersIn};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EngineRun {
@@ -173,17 +173,21 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
         }
         handles.push(builder.start().await?);
     }
-    let outbox = handles[0].outbox();
     let producers = match shared {
         Some(c) => c,
         None => connect(&target.url, pool_size(b, args.producers as u32)).await?,
+    };
+    let outboxes: Vec<Outbox> = match args.producers_in {
+        ProducersIn::First => vec![handles[0].outbox()],
+        ProducersIn::Each => handles.iter().map(|h| h.outbox()).collect(),
+        ProducersIn::Apart => vec![producer_only(args, &producers).await?],
     };
     let per = (args.messages / args.producers) as u32;
     let total = per as usize * args.producers;
     let commits: Arc<Mutex<HashMap<i64, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(total)));
     let start = Instant::now();
-    produce(args, &outbox, &producers, &commits).await?;
+    produce(args, &outboxes, &producers, &commits).await?;
     let enqueue_secs = start.elapsed().as_secs_f64();
 
     let deadline = Instant::now() + Duration::from_secs(args.timeout_s);
@@ -280,23 +284,36 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
 /// message's commit instant.
 async fn produce(
     args: &Args,
-    outbox: &Outbox,
+    outboxes: &[Outbox],
     producers: &sea_orm::DatabaseConnection,
     commits: &Arc<Mutex<HashMap<i64, Instant>>>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let per = (args.messages / args.producers) as u32;
     let mut tasks = Vec::new();
     for p in 0..args.producers as u32 {
-        let (outbox, conn, commits) = (outbox.clone(), producers.clone(), commits.clone());
+        let outbox = outboxes[p as usize % outboxes.len()].clone();
+        let (conn, commits) = (producers.clone(), commits.clone());
         let (batch, parts, queues, size) = (
             args.batch as u32,
             args.partitions,
             args.queues,
             args.payload_bytes,
         );
+        // Each producer commits one transaction of `batch` per period.
+        let mut pace = (args.rate > 0).then(|| {
+            let period = Duration::from_secs_f64(
+                f64::from(batch) * args.producers as f64 / f64::from(args.rate),
+            );
+            let mut i = tokio::time::interval(period);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
         tasks.push(tokio::spawn(async move {
             let mut k = 0u32;
             while k < per {
+                if let Some(i) = pace.as_mut() {
+                    i.tick().await;
+                }
                 let n = batch.min(per - k);
                 let msgs: Vec<NewMessage> = (k..k + n)
                     .map(|i| {
@@ -338,15 +355,23 @@ pub async fn enqueue_only(args: &Args, target: &Target) -> Result<f64, Box<dyn s
         pool_size(target.backend, args.producers as u32),
     )
     .await?;
+    let outbox = producer_only(args, &conn).await?;
+    let commits = Arc::new(Mutex::new(HashMap::with_capacity(args.messages)));
+    let start = Instant::now();
+    produce(args, std::slice::from_ref(&outbox), &conn, &commits).await?;
+    Ok(args.messages as f64 / start.elapsed().as_secs_f64())
+}
+
+/// An outbox that only enqueues: no sequencer, processors or listener in its process.
+async fn producer_only(
+    args: &Args,
+    conn: &sea_orm::DatabaseConnection,
+) -> Result<Outbox, Box<dyn std::error::Error>> {
     let mut builder = Outbox::builder(conn.clone());
     for q in 0..args.queues {
         builder = builder
             .queue(format!("bench{q}"), Partitions::of(args.partitions))
             .producer_only();
     }
-    let outbox = builder.build().await?;
-    let commits = Arc::new(Mutex::new(HashMap::with_capacity(args.messages)));
-    let start = Instant::now();
-    produce(args, &outbox, &conn, &commits).await?;
-    Ok(args.messages as f64 / start.elapsed().as_secs_f64())
+    Ok(builder.build().await?)
 }

@@ -34,6 +34,18 @@ pub enum Mode {
     Transactional,
 }
 
+/// Where the producers enqueue (see [`Args::producers_in`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProducersIn {
+    /// The first engine instance.
+    First,
+    /// Producer *p* through instance *p* mod `instances`.
+    Each,
+    /// A producer-only outbox with no engine in its process.
+    Apart,
+}
+
 /// Benchmark parameters.
 #[derive(Debug, Clone, Parser, Serialize)]
 #[command(version, about = "modkit-outbox throughput/latency harness")]
@@ -69,6 +81,11 @@ pub struct Args {
     /// Engine instances in this process, each with its own pool.
     #[arg(long, default_value_t = 1)]
     pub instances: usize,
+    /// Which outbox the producers enqueue through: the first instance's, each instance's in
+    /// turn (replicas that all produce and process), or a separate producer-only outbox whose
+    /// process runs no engine (a web tier beside worker replicas).
+    #[arg(long, value_enum, default_value_t = ProducersIn::First)]
+    pub producers_in: ProducersIn,
     /// Concurrent sequencer transactions per instance (engine default when absent).
     #[arg(long)]
     pub sequencer_workers: Option<usize>,
@@ -84,6 +101,10 @@ pub struct Args {
     /// Also measure the producer path alone (no engine running) and report its enqueue rate.
     #[arg(long)]
     pub enqueue_only: bool,
+    /// Pace the producers to this many messages per second in all (0: as fast as they go).
+    /// Latency at a rate the machine sustains is what a service sees in normal operation.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
     /// Give up waiting for deliveries after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
