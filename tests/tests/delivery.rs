@@ -825,6 +825,62 @@ async fn wake_up_is_prompt_without_polling(db: TestDb) {
     handle.stop().await;
 }
 
+/// A producer-only process (a web tier, say) enqueues; a worker process handles the queue.
+/// Nothing in the worker hears those commits: PostgreSQL `NOTIFY`s them, and on MySQL and
+/// SQLite the worker's sequencer, after a look finds rows nobody announced, looks again within
+/// milliseconds (`FOREIGN_POLL_MIN`) instead of at the next `poll_interval` (30 s here). Each
+/// message must arrive long before that fallback would deliver it.
+async fn stream_from_a_producer_only_process_is_prompt(db: TestDb) {
+    migrate(&db).await;
+    let config = OutboxConfig {
+        poll_interval: Duration::from_secs(30),
+        ..fast_config()
+    };
+    let web_conn = db.connect().await;
+    let web = Outbox::builder(web_conn.clone())
+        .config(config.clone())
+        .queue("s", Partitions::of(2))
+        .producer_only()
+        .build()
+        .await
+        .expect("producer");
+    let send = |n: usize| {
+        let (web, conn) = (web.clone(), web_conn.clone());
+        async move {
+            let txn = conn.begin().await.expect("begin");
+            web.enqueue(&txn, "s", (n % 2) as u32, format!("m{n}"), "t")
+                .await
+                .expect("enqueue");
+            txn.commit().await.expect("commit");
+        }
+    };
+    // Left from before the worker starts: its first look finds it.
+    send(1).await;
+    let rec = Recorder::default();
+    let worker = Outbox::builder(db.connect().await)
+        .config(config)
+        .queue("s", Partitions::of(2))
+        .leased(rec.clone())
+        .start()
+        .await
+        .expect("start worker");
+    assert!(
+        rec.wait_for(1, Duration::from_secs(5)).await,
+        "{:?}: the backlog at start",
+        db.backend
+    );
+    for n in 2..=8 {
+        send(n).await;
+        assert!(
+            rec.wait_for(n, Duration::from_secs(5)).await,
+            "{:?}: message {n} from the producer-only process waited for the fallback poll",
+            db.backend
+        );
+    }
+    worker.stop().await;
+    assert_gapless(&rec);
+}
+
 /// PostgreSQL: instance A runs a sequencer but no handler, instance B handles the queue; the
 /// fallback poll is 30 s. A's producers wake A's sequencer in-process (no `NOTIFY` on their
 /// commits), and A's sequencer notifies B, whose lease it does not hold. Both wake-ups must be
@@ -952,6 +1008,7 @@ async fn free_leases_go_to_the_sequencing_instance(db: TestDb) {
 }
 
 backend_tests!(
+    stream_from_a_producer_only_process_is_prompt,
     free_leases_go_to_the_sequencing_instance,
     sequencer_notifies_the_lease_holder_elsewhere,
     ordering_under_concurrent_producers,

@@ -32,6 +32,15 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 /// Fallback poll: how often every instance reconciles unsequenced and unprocessed rows, so a
 /// missed wake-up (another MySQL/SQLite instance, a lost `NOTIFY`) costs at most this long.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// MySQL and SQLite have no `NOTIFY`: rows that producers in another process commit reach an
+/// engine only when its sequencer looks for them. It looks every `poll_interval` while idle;
+/// when a look finds rows to move (rows nobody announced: producers in the same process wake
+/// the sequencer themselves), it looks again after this delay, doubling while looks find
+/// nothing until it is back at `poll_interval`. A steady stream from another process is then
+/// picked up within milliseconds, while an idle engine still looks once per `poll_interval`.
+/// A look is one plain read (the candidate probe; SQLite: `SELECT 1 FROM incoming LIMIT 1`).
+/// Not configurable; PostgreSQL keeps `poll_interval` (`NOTIFY` announces such rows).
+pub const FOREIGN_POLL_MIN: Duration = Duration::from_millis(2);
 /// Rows vacuum deletes per transaction.
 pub const DEFAULT_VACUUM_CHUNK: usize = 1000;
 /// Longest the vacuum waits between runs when nothing wakes it.
@@ -102,7 +111,8 @@ pub struct OutboxConfig {
     pub sequencer_workers: Option<usize>,
     /// Lease duration in leased mode ([`DEFAULT_LEASE_TTL`]).
     pub lease_ttl: Duration,
-    /// Fallback poll interval ([`DEFAULT_POLL_INTERVAL`]).
+    /// Fallback poll interval ([`DEFAULT_POLL_INTERVAL`]); on MySQL and SQLite the sequencer
+    /// looks sooner while rows arrive from other processes ([`FOREIGN_POLL_MIN`]).
     pub poll_interval: Duration,
     /// Rows per vacuum transaction ([`DEFAULT_VACUUM_CHUNK`]).
     pub vacuum_chunk: usize,

@@ -41,6 +41,7 @@ use crate::backend::postgres::PassCandidates;
 use crate::backend::{
     Dialect, MAX_IN_LIST, execute, mysql, placeholders, postgres, query_all, update_per_key,
 };
+use crate::config::FOREIGN_POLL_MIN;
 use crate::error::{OutboxError, Result};
 use crate::outbox::Inner;
 use crate::processor::handoff::HandedRow;
@@ -617,11 +618,16 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
         Dialect::Postgres => LINGER,
     };
     let mut error_backoff = Duration::from_millis(50);
+    let poll_interval = inner.config.poll_interval;
+    let mut poll = Poll::new(inner.db.dialect != Dialect::Postgres, poll_interval);
     loop {
-        tokio::select! {
+        // `start()` leaves a signal, so the first cycle runs at once.
+        let polled = tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = inner.signals.sequencer_wait() => {}
-        }
+            _ = inner.signals.sequencer_wait() => false,
+            _ = tokio::time::sleep(poll.next) => true,
+        };
+        let mut moved_total = 0;
         let mut recheck = RECHECK_MIN;
         let mut skipped_rounds = 0;
         let mut split = false;
@@ -633,6 +639,7 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
             }
             let result = pass(&inner, split, hot, small).await;
             hot = result.as_ref().is_ok_and(|r| r.moved > 0);
+            moved_total += result.as_ref().map_or(0, |r| r.moved);
             let (delay, interruptible) = match result {
                 Ok(r) if r.moved > 0 => {
                     split = r.moved >= SPLIT_ABOVE;
@@ -670,6 +677,7 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
                         recheck = (recheck * 2).min(RECHECK_MAX);
                         (d, true)
                     } else {
+                        poll.after_cycle(polled, moved_total);
                         break;
                     }
                 }
@@ -697,9 +705,81 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
     }
 }
 
+/// When the idle sequencer looks for rows nobody announced (see [`FOREIGN_POLL_MIN`]).
+struct Poll {
+    /// Whether looks speed up after finding rows (backends without `NOTIFY`).
+    adaptive: bool,
+    /// The slowest look: `poll_interval`.
+    max: Duration,
+    /// Delay until the next look.
+    next: Duration,
+}
+
+impl Poll {
+    /// Adaptive looks start fast: producers elsewhere may have started with this engine.
+    fn new(adaptive: bool, max: Duration) -> Self {
+        Self {
+            adaptive,
+            max,
+            next: if adaptive {
+                FOREIGN_POLL_MIN.min(max)
+            } else {
+                max
+            },
+        }
+    }
+
+    /// Adjusts the next look after a cycle of passes that a look (`polled`) or a signal
+    /// started and that moved `moved` rows in all. Signalled cycles leave the pace alone.
+    fn after_cycle(&mut self, polled: bool, moved: usize) {
+        if !self.adaptive || !polled {
+            return;
+        }
+        self.next = if moved > 0 {
+            FOREIGN_POLL_MIN.min(self.max)
+        } else {
+            (self.next * 2).min(self.max)
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::probe_window;
+    use std::time::Duration;
+
+    use super::{FOREIGN_POLL_MIN, Poll, probe_window};
+
+    #[test]
+    fn looks_speed_up_after_finding_rows_and_slow_down_when_idle() {
+        let max = Duration::from_secs(1);
+        let mut p = Poll::new(true, max);
+        assert_eq!(p.next, FOREIGN_POLL_MIN, "fast after start");
+        for _ in 0..20 {
+            p.after_cycle(true, 0);
+        }
+        assert_eq!(p.next, max, "idle: back to poll_interval, never beyond");
+        p.after_cycle(false, 10);
+        assert_eq!(p.next, max, "a signalled cycle does not change the pace");
+        p.after_cycle(true, 3);
+        assert_eq!(p.next, FOREIGN_POLL_MIN, "a look found rows from elsewhere");
+        p.after_cycle(true, 0);
+        assert_eq!(p.next, FOREIGN_POLL_MIN * 2);
+        p.after_cycle(false, 0);
+        assert_eq!(p.next, FOREIGN_POLL_MIN * 2);
+        for _ in 0..20 {
+            p.after_cycle(true, 0);
+        }
+        assert_eq!(p.next, max, "back to poll_interval, never beyond");
+        // With NOTIFY (PostgreSQL) the pace stays at poll_interval.
+        let mut pg = Poll::new(false, max);
+        assert_eq!(pg.next, max);
+        pg.after_cycle(true, 5);
+        assert_eq!(pg.next, max);
+        // A poll_interval below the minimum is kept.
+        let mut tiny = Poll::new(true, Duration::from_millis(1));
+        tiny.after_cycle(true, 5);
+        assert_eq!(tiny.next, Duration::from_millis(1));
+    }
 
     #[test]
     fn probe_windows_take_turns_when_too_many_partitions_have_rows() {

@@ -62,8 +62,8 @@ pub(crate) fn spawn_all(outbox: &Outbox, cancel: &CancellationToken, tasks: &mut
     inner.signals.incoming_committed();
 }
 
-/// Every `poll_interval` (or on request): wake the sequencer, and wake the processors of this
-/// instance's partitions that have sequenced but unprocessed rows.
+/// Every `poll_interval` (or on request, then also waking the sequencer): wake the processors
+/// of this instance's partitions that have sequenced but unprocessed rows.
 async fn reconcile(inner: Arc<Inner>, cancel: CancellationToken) {
     let ids: Vec<i64> = inner
         .queues
@@ -89,12 +89,14 @@ async fn reconcile(inner: Arc<Inner>, cancel: CancellationToken) {
         })
         .collect();
     loop {
+        // The sequencer looks for unannounced incoming rows on its own clock (at least every
+        // `poll_interval`, sooner while rows keep arriving from elsewhere: see
+        // `FOREIGN_POLL_MIN`); an explicit request wakes it too.
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(inner.config.poll_interval) => {}
-            _ = inner.signals.reconcile_wait() => {}
+            _ = inner.signals.reconcile_wait() => inner.signals.incoming_committed(),
         }
-        inner.signals.incoming_committed();
         for (sql, ids) in &chunks {
             match inner
                 .db
