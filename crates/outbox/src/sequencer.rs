@@ -51,12 +51,19 @@ use crate::signals::{PENDING_COMMIT_WINDOW, SequencerAlive};
 /// [`RECHECK_MAX`].
 const RECHECK_MIN: Duration = Duration::from_millis(1);
 const RECHECK_MAX: Duration = Duration::from_millis(25);
-/// After a pass that moved fewer rows than [`LINGER_BELOW`], wait this long before the next
-/// (PostgreSQL): a few more commits arrive and the next pass moves them together. Paired B=1
-/// runs: 1 ms against 2 ms took p50 latency from ~4.0 to ~3.2 ms on PostgreSQL and from ~9.3
-/// to ~8.3 ms on MariaDB at the same throughput; no linger at all was worse (more passes, each
-/// as slow). (Tokio's timer has a 1 ms tick, so a sleep ends on the next tick at the earliest.)
-const LINGER: Duration = Duration::from_millis(1);
+/// After a pass that moved at least [`LINGER_FROM`] and fewer than [`LINGER_BELOW`] rows, wait
+/// this long before the next (PostgreSQL): a few more commits arrive and the next pass moves
+/// them together. History: on a slower day, paired B=1 runs gave p50 ~3.2 ms with 1 ms against
+/// ~4.0 ms with 2 ms; no linger at all was worse (more passes, each as slow). On a quieter day a
+/// sweep (0, 1, 3, 6, 12 ms) and paired runs with the floor (3 each) gave 3 ms against 1 ms:
+/// +8 to +24 % msg/s at B=1 (× floor 0.57–0.73 → 0.66–0.81), p50 2.1 → 3.4 ms. At a steady
+/// 500 msg/s the same 3 ms only added latency (p50 1.4 → 3.1 ms), hence [`LINGER_FROM`].
+/// (Tokio's timer has a 1 ms tick, so a sleep ends on the next tick at the earliest.)
+const LINGER: Duration = Duration::from_millis(3);
+/// PostgreSQL lingers only after a pass that moved at least this many rows: commits arrive
+/// faster than passes. Below it (a pass finds one or two rows: the load leaves the sequencer
+/// idle between commits) it only yields, and each commit is moved as soon as it arrives.
+const LINGER_FROM: usize = 4;
 /// The linger on MySQL: none. The sequencer only yields, so the processors that took the
 /// pass's hand-offs (and ready producers) run before the next pass starts. Since a pass after
 /// a busy one no longer probes first (`mysql::lock_partitions_with_rows`), paired MariaDB B=1
@@ -617,6 +624,10 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
         Dialect::MySql => LINGER_MYSQL,
         Dialect::Postgres => LINGER,
     };
+    let db_linger_from = match inner.db.dialect {
+        Dialect::Postgres => LINGER_FROM,
+        _ => 0,
+    };
     let mut error_backoff = Duration::from_millis(50);
     let poll_interval = inner.config.poll_interval;
     let mut poll = Poll::new(inner.db.dialect != Dialect::Postgres, poll_interval);
@@ -650,6 +661,11 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
                     if small {
                         // A trickle: let a few more commits arrive so the next pass moves them
                         // together (a pass costs the same for 1 row or 100). Bounded, tiny.
+                        let linger = if db_linger_from > r.moved {
+                            Duration::ZERO
+                        } else {
+                            linger
+                        };
                         if linger.is_zero() {
                             tokio::task::yield_now().await;
                         } else {
