@@ -15,7 +15,12 @@ for line in open(sys.argv[1]):
     enq = "%.0f" % e.get("enqueue_msg_per_s", 0)
     if d.get("enqueue_only_msg_per_s"):
         enq += " · alone %.0f (%.2f ×)" % (d["enqueue_only_msg_per_s"], d["enqueue_only_ratio_to_insert_floor"])
+    mode = a["mode"]
+    if a.get("producers_in", "first") != "first":
+        mode += ", producers " + a["producers_in"]
+    if a.get("rate"):
+        mode += ", %d msg/s" % a["rate"]
     print("| %s | %d | %d | %s | %d | %s | %s | %.0f | %s | %s | %s | %.1f / %.1f | %.2f | %.0f |" % (
-        d["backend"], a["batch"], a["partitions"], a["mode"], a["instances"], floor, ceil,
+        d["backend"], a["batch"], a["partitions"], mode, a["instances"], floor, ceil,
         e.get("end_to_end_msg_per_s", 0), r1, r2, enq,
         lat.get("p50", 0), lat.get("p99", 0), e.get("vacuum_s", 0), e.get("peak_rss_mib", 0)))

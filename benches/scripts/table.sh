@@ -20,6 +20,8 @@ for url in "$PG" "$MY" sqlite; do
         run --url "$url" --batch 100 --partitions 8 --instances 3
         run --url "$url" --batch 1 --partitions 8 --instances 3
     fi
+    # A producer-only process (web tier) beside the engine: latency at a steady 200 msg/s.
+    run --url "$url" --batch 1 --partitions 8 --producers-in apart --rate 200 --messages 3000 --no-floor
 done
 # Memory with a 100,000-message backlog (producers far ahead of the pipeline).
 "$BIN" --url "$PG" --batch 100 --partitions 8 --messages 100000 --no-floor | tail -n 1 >> "$OUT"
