@@ -299,12 +299,14 @@ async fn produce(
             args.queues,
             args.payload_bytes,
         );
-        // Each producer commits one transaction of `batch` per period.
+        // Each producer commits one transaction of `batch` per period, the producers evenly
+        // staggered over it (not a burst of all of them at once).
         let mut pace = (args.rate > 0).then(|| {
             let period = Duration::from_secs_f64(
                 f64::from(batch) * args.producers as f64 / f64::from(args.rate),
             );
-            let mut i = tokio::time::interval(period);
+            let offset = period.mul_f64(f64::from(p) / args.producers as f64);
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             i
         });

@@ -828,8 +828,9 @@ async fn wake_up_is_prompt_without_polling(db: TestDb) {
 /// A producer-only process (a web tier, say) enqueues; a worker process handles the queue.
 /// Nothing in the worker hears those commits: PostgreSQL `NOTIFY`s them, and on MySQL and
 /// SQLite the worker's sequencer, after a look finds rows nobody announced, looks again within
-/// milliseconds (`FOREIGN_POLL_MIN`) instead of at the next `poll_interval` (30 s here). Each
-/// message must arrive long before that fallback would deliver it.
+/// milliseconds (`FOREIGN_POLL_MIN`) instead of at the next `poll_interval` (30 s here), and
+/// slows down again while idle. Each message must arrive long before that fallback would
+/// deliver it, and a stream after a lull at the fast pace again.
 async fn stream_from_a_producer_only_process_is_prompt(db: TestDb) {
     migrate(&db).await;
     let config = OutboxConfig {
@@ -869,11 +870,29 @@ async fn stream_from_a_producer_only_process_is_prompt(db: TestDb) {
         "{:?}: the backlog at start",
         db.backend
     );
-    for n in 2..=8 {
+    for n in 2..=4 {
         send(n).await;
         assert!(
             rec.wait_for(n, Duration::from_secs(5)).await,
             "{:?}: message {n} from the producer-only process waited for the fallback poll",
+            db.backend
+        );
+    }
+    // Idle: the looks slow down (by now seconds apart on MySQL/SQLite, never beyond 30 s).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    send(5).await;
+    assert!(
+        rec.wait_for(5, Duration::from_secs(20)).await,
+        "{:?}: the first message after a lull waited for the fallback poll",
+        db.backend
+    );
+    // The look that found it speeds the next ones up again: a stream is picked up at once,
+    // not at the slowed-down pace of the lull.
+    for n in 6..=15 {
+        send(n).await;
+        assert!(
+            rec.wait_for(n, Duration::from_millis(1500)).await,
+            "{:?}: message {n} of a stream waited for a slow look",
             db.backend
         );
     }

@@ -29,8 +29,9 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How long a processor lease lasts without renewal (leased mode). Renewed every third of it
 /// while a handler runs; a crashed instance's partitions are taken over after it expires.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
-/// Fallback poll: how often every instance reconciles unsequenced and unprocessed rows, so a
-/// missed wake-up (another MySQL/SQLite instance, a lost `NOTIFY`) costs at most this long.
+/// Fallback poll: how often every instance's sequencer looks for unannounced incoming rows
+/// (at least; see [`FOREIGN_POLL_MIN`]) and its reconciler for unprocessed ones, so a missed
+/// wake-up (another MySQL/SQLite instance, a lost `NOTIFY`) costs at most this long.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// MySQL and SQLite have no `NOTIFY`: rows that producers in another process commit reach an
 /// engine only when its sequencer looks for them. It looks every `poll_interval` while idle;

@@ -55,13 +55,15 @@ const RECHECK_MAX: Duration = Duration::from_millis(25);
 /// this long before the next (PostgreSQL): a few more commits arrive and the next pass moves
 /// them together. History: on a slower day, paired B=1 runs gave p50 ~3.2 ms with 1 ms against
 /// ~4.0 ms with 2 ms; no linger at all was worse (more passes, each as slow). On a quieter day a
-/// sweep (0, 1, 3, 6, 12 ms) and paired runs with the floor (3 each) gave 3 ms against 1 ms:
-/// +8 to +24 % msg/s at B=1 (× floor 0.57–0.73 → 0.66–0.81), p50 2.1 → 3.4 ms. At a steady
-/// 500 msg/s the same 3 ms only added latency (p50 1.4 → 3.1 ms), hence [`LINGER_FROM`].
+/// sweep (0, 1, 3, 6, 12 ms) put the knee at 3 ms; paired runs with the floor (3 each), 3 ms
+/// from 4 rows against 1 ms always: B=1 × floor 0.62/0.65/0.66 → 0.76/0.82/0.92, p50 1.8–2.0 →
+/// 3.0–3.1 ms; at a steady 500 msg/s p50 2.1/2.3 → 1.0/1.1 ms (passes of one row: no linger),
+/// at 1,500 msg/s 2.2/2.3 → 3.7/3.8 ms. A 3 ms linger after every small pass only added
+/// latency at 500 msg/s (p50 1.4 → 3.1 ms), hence [`LINGER_FROM`].
 /// (Tokio's timer has a 1 ms tick, so a sleep ends on the next tick at the earliest.)
 const LINGER: Duration = Duration::from_millis(3);
 /// PostgreSQL lingers only after a pass that moved at least this many rows: commits arrive
-/// faster than passes. Below it (a pass finds one or two rows: the load leaves the sequencer
+/// faster than passes. Below it (a pass finds one to three rows: the load leaves the sequencer
 /// idle between commits) it only yields, and each commit is moved as soon as it arrives.
 const LINGER_FROM: usize = 4;
 /// The linger on MySQL: none. The sequencer only yields, so the processors that took the

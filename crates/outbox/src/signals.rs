@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 
 /// How long after an enqueue the sequencer keeps re-checking when it finds nothing: the enqueue
 /// signal is sent before the producer commits, so the rows may become visible a little later.
-/// Later commits are caught by the fallback poll (or `NOTIFY` on PostgreSQL).
+/// Later commits are caught by the sequencer's own look (at least every `poll_interval`).
 pub(crate) const PENDING_COMMIT_WINDOW: Duration = Duration::from_secs(2);
 
 #[derive(Default)]

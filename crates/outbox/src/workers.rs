@@ -1,6 +1,7 @@
-//! Starting the pipeline's tasks, and the reconciler: the bounded fallback poll that catches
-//! whatever a wake-up missed (a commit seen by no signal, rows sequenced by another MySQL/SQLite
-//! instance, a `NOTIFY` lost while the listener reconnected).
+//! Starting the pipeline's tasks, and the reconciler: the bounded fallback poll that wakes
+//! processors a wake-up missed (rows sequenced by another MySQL/SQLite instance, a `NOTIFY`
+//! lost while the listener reconnected). Unannounced incoming rows are the sequencer's own
+//! look's job (`FOREIGN_POLL_MIN`).
 
 use std::sync::Arc;
 
