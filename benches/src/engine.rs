@@ -359,8 +359,13 @@ pub async fn enqueue_only(args: &Args, target: &Target) -> Result<f64, Box<dyn s
     .await?;
     let outbox = producer_only(args, &conn).await?;
     let commits = Arc::new(Mutex::new(HashMap::with_capacity(args.messages)));
+    // The producers' own ceiling: never paced, whatever `--rate` says.
+    let unpaced = Args {
+        rate: 0,
+        ..args.clone()
+    };
     let start = Instant::now();
-    produce(args, std::slice::from_ref(&outbox), &conn, &commits).await?;
+    produce(&unpaced, std::slice::from_ref(&outbox), &conn, &commits).await?;
     Ok(args.messages as f64 / start.elapsed().as_secs_f64())
 }
 

@@ -258,7 +258,8 @@ async fn connect_migrator(url: &str) -> Result<DatabaseConnection, Failure> {
     let mut o = ConnectOptions::new(url.to_owned());
     o.sqlx_logging(false)
         .max_connections(1)
-        .connect_timeout(Duration::from_secs(10));
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(10));
     Database::connect(o)
         .await
         .map_err(|e| fail(exit::ERROR, format!("cannot connect to the database: {e}")))
