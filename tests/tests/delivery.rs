@@ -902,8 +902,10 @@ async fn stream_from_a_producer_only_process_is_prompt(db: TestDb) {
 
 /// PostgreSQL: instance A runs a sequencer but no handler, instance B handles the queue; the
 /// fallback poll is 30 s. A's producers wake A's sequencer in-process (no `NOTIFY` on their
-/// commits), and A's sequencer notifies B, whose lease it does not hold. Both wake-ups must be
-/// prompt.
+/// commits). The first message finds the lease free: A's sequencer moves it and notifies B's
+/// processors (`s:`). Then B holds the lease: A's sequencer leaves the partition to B and
+/// wakes B's sequencer (`q:<B>`), whose pass hands the rows to B's processors. Both wake-ups
+/// must be prompt.
 async fn sequencer_notifies_the_lease_holder_elsewhere(db: TestDb) {
     if db.backend != Backend::Postgres {
         return;
@@ -925,7 +927,10 @@ async fn sequencer_notifies_the_lease_holder_elsewhere(db: TestDb) {
         .expect("start A");
     let rec = Recorder::default();
     let b = Outbox::builder(db.connect().await)
-        .config(config)
+        .config(OutboxConfig {
+            instance_id: Some("inst-b".to_owned()),
+            ..config
+        })
         .queue("x", Partitions::of(1))
         .leased(rec.clone())
         .start()
@@ -954,8 +959,18 @@ async fn sequencer_notifies_the_lease_holder_elsewhere(db: TestDb) {
     );
     assert_eq!(
         payloads.iter().filter(|p| p.starts_with("s:")).count(),
-        2,
-        "one NOTIFY per pass for the partition leased elsewhere: {payloads:?}"
+        1,
+        "A moved only the message whose lease was free: {payloads:?}"
+    );
+    assert!(
+        payloads.iter().any(|p| p == "q:inst-b"),
+        "A woke the lease holder's sequencer: {payloads:?}"
+    );
+    assert!(
+        payloads
+            .iter()
+            .all(|p| p.starts_with("s:") || p == "q:inst-b"),
+        "{payloads:?}"
     );
     b.stop().await;
     a.stop().await;
