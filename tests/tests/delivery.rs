@@ -911,8 +911,11 @@ async fn sequencer_notifies_the_lease_holder_elsewhere(db: TestDb) {
         return;
     }
     migrate(&db).await;
+    // B's lease must still be live when message 2 comes (fast_config's 2 s could lapse on a
+    // loaded machine, and then A rightly moves message 2 itself).
     let config = OutboxConfig {
         poll_interval: Duration::from_secs(30),
+        lease_ttl: Duration::from_secs(30),
         ..fast_config()
     };
     let pool = db.conn.get_postgres_connection_pool().clone();
