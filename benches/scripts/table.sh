@@ -19,6 +19,8 @@ for url in "$PG" "$MY" sqlite; do
     if [ "$url" != sqlite ]; then
         run --url "$url" --batch 100 --partitions 8 --instances 3
         run --url "$url" --batch 1 --partitions 8 --instances 3
+        # Replicas that all produce: each producer enqueues through its own instance.
+        run --url "$url" --batch 1 --partitions 8 --instances 3 --producers-in each
     fi
     # A producer-only process (web tier) beside the engine: latency at a steady 200 msg/s.
     run --url "$url" --batch 1 --partitions 8 --producers-in apart --rate 200 --messages 3000 --no-floor
