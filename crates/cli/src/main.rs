@@ -242,12 +242,7 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
 }
 
 async fn connect(url: &str) -> Result<DatabaseConnection, Failure> {
-    let mut o = ConnectOptions::new(url.to_owned());
-    o.sqlx_logging(false)
-        .connect_timeout(Duration::from_secs(10));
-    Database::connect(o)
-        .await
-        .map_err(|e| fail(exit::ERROR, format!("cannot connect to the database: {e}")))
+    open(url, |_| {}).await
 }
 
 /// A one-connection pool for migrations. sea-orm's `fresh` on SQLite turns `PRAGMA
@@ -255,11 +250,22 @@ async fn connect(url: &str) -> Result<DatabaseConnection, Failure> {
 /// pool a `DROP TABLE` can run on another connection with the checks still on and fail on the
 /// rows it finds. Migrations run one statement at a time anyway.
 async fn connect_migrator(url: &str) -> Result<DatabaseConnection, Failure> {
+    open(url, |o| {
+        o.max_connections(1)
+            .acquire_timeout(Duration::from_secs(10));
+    })
+    .await
+}
+
+/// Opens a pool with the CLI's settings, adjusted by `tune`.
+async fn open(
+    url: &str,
+    tune: impl FnOnce(&mut ConnectOptions),
+) -> Result<DatabaseConnection, Failure> {
     let mut o = ConnectOptions::new(url.to_owned());
     o.sqlx_logging(false)
-        .max_connections(1)
-        .connect_timeout(Duration::from_secs(10))
-        .acquire_timeout(Duration::from_secs(10));
+        .connect_timeout(Duration::from_secs(10));
+    tune(&mut o);
     Database::connect(o)
         .await
         .map_err(|e| fail(exit::ERROR, format!("cannot connect to the database: {e}")))

@@ -634,18 +634,17 @@ async fn pass_group_postgres(inner: &Inner, ids: &[i64], hand: bool) -> Result<P
 /// tells this process's producers that a local sequencer listens, until the task ends (or is
 /// aborted: the future, and with it the guard, is dropped).
 pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: SequencerAlive) {
-    let linger = match inner.db.dialect {
-        Dialect::Sqlite => LINGER_SQLITE,
-        Dialect::MySql => LINGER_MYSQL,
-        Dialect::Postgres => LINGER,
-    };
-    let db_linger_from = match inner.db.dialect {
-        Dialect::Postgres => LINGER_FROM,
-        _ => 0,
+    // (linger, smallest pass that lingers)
+    let (linger, linger_from) = match inner.db.dialect {
+        Dialect::Sqlite => (LINGER_SQLITE, 0),
+        Dialect::MySql => (LINGER_MYSQL, 0),
+        Dialect::Postgres => (LINGER, LINGER_FROM),
     };
     let mut error_backoff = Duration::from_millis(50);
-    let poll_interval = inner.config.poll_interval;
-    let mut poll = Poll::new(inner.db.dialect != Dialect::Postgres, poll_interval);
+    let mut poll = Poll::new(
+        inner.db.dialect != Dialect::Postgres,
+        inner.config.poll_interval,
+    );
     loop {
         // `start()` leaves a signal, so the first cycle runs at once.
         let polled = tokio::select! {
@@ -676,7 +675,7 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
                     if small {
                         // A trickle: let a few more commits arrive so the next pass moves them
                         // together (a pass costs the same for 1 row or 100). Bounded, tiny.
-                        let linger = if db_linger_from > r.moved {
+                        let linger = if r.moved < linger_from {
                             Duration::ZERO
                         } else {
                             linger

@@ -89,6 +89,10 @@ pub(crate) const ENQUEUE_ONE: &str = "WITH b AS (\
      VALUES (?, ?, ?, ?) RETURNING id) \
    INSERT INTO modkit_outbox_incoming (partition_id, body_id) SELECT ?, id FROM b RETURNING body_id AS id";
 
+/// Condition on `pr` (a `processor` row) in [`sequence_pass_sql`]: another instance holds its
+/// live lease (`me` is the statement's CTE holding this instance's id).
+const LEASED_ELSEWHERE: &str = "pr.locked_by <> (SELECT id FROM me) AND pr.locked_until > now()";
+
 /// A whole sequencer pass for a group of partitions in one statement (one round trip, committed
 /// on its own): lock the partitions (`SKIP LOCKED`), take up to `$n` oldest incoming rows of
 /// each, delete them, number the rows actually deleted after each partition's current sequence,
@@ -138,14 +142,12 @@ pub(crate) fn sequence_pass_sql(c: PassCandidates, processed_here: &str, hand: b
                     SELECT p.id FROM modkit_outbox_partitions p WHERE EXISTS ( \
                         SELECT 1 FROM modkit_outbox_incoming i WHERE i.partition_id = p.id) \
                     AND NOT EXISTS (SELECT 1 FROM modkit_outbox_processor pr \
-                        WHERE pr.partition_id = p.id AND pr.locked_by <> (SELECT id FROM me) \
-                          AND pr.locked_until > now()) \
+                        WHERE pr.partition_id = p.id AND {LEASED_ELSEWHERE}) \
                     ORDER BY p.id LIMIT {limit}), \
                  held AS MATERIALIZED ( \
                     SELECT COUNT(pg_notify('{CHANNEL}', '{HOLDER_WAKE_PREFIX}' || h.locked_by)) AS n \
                     FROM (SELECT DISTINCT pr.locked_by FROM modkit_outbox_processor pr \
-                        WHERE pr.locked_by <> (SELECT id FROM me) AND pr.locked_until > now() \
-                          AND EXISTS (SELECT 1 FROM modkit_outbox_incoming i \
+                        WHERE {LEASED_ELSEWHERE} AND EXISTS (SELECT 1 FROM modkit_outbox_incoming i \
                               WHERE i.partition_id = pr.partition_id)) h), "
             ),
             "id IN (SELECT id FROM cand)".to_owned(),
