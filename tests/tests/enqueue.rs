@@ -240,8 +240,95 @@ async fn keyed_enqueue_uses_the_stable_hash(db: TestDb) {
     assert_eq!(n as u32, want);
 }
 
+/// One message per transaction, the path of every B=1 producer: every byte value, quotes,
+/// backslashes, SQL-looking text and non-ASCII text come back exactly, an empty payload is kept
+/// as empty, the returned id is the message's own body even while another producer commits
+/// beside it, and on MySQL a session with `NO_BACKSLASH_ESCAPES` changes nothing.
+async fn single_messages_store_exactly_what_was_given(db: TestDb) {
+    migrate(&db).await;
+    let outbox = producer(&db).await;
+    let other = outbox.clone();
+    let conn2 = db.connect().await;
+    let noise = tokio::spawn(async move {
+        for i in 0..40u32 {
+            let txn = conn2.begin().await.expect("begin");
+            other
+                .enqueue(&txn, "orders", i % 4, vec![0u8; 3], "noise")
+                .await
+                .expect("noise");
+            txn.commit().await.expect("commit");
+        }
+    });
+    let all_bytes: Vec<u8> = (0..=255u8).collect();
+    let cases: Vec<(Vec<u8>, &str, Option<(&str, &str)>)> = vec![
+        (
+            all_bytes.repeat(4),
+            "t'\\\"é😀",
+            Some(("k", "v' OR '1'='1 \\ \" ünï")),
+        ),
+        (Vec::new(), "empty", None),
+        (
+            b"x'); DROP TABLE modkit_outbox_body; --".to_vec(),
+            "t",
+            None,
+        ),
+        // 20 KiB.
+        (all_bytes.repeat(80), "big", Some(("n", "1"))),
+    ];
+    for (round, (payload, ty, header)) in cases.iter().enumerate() {
+        let txn = db.conn.begin().await.expect("begin");
+        if db.backend == modkit_outbox_tests::Backend::MySql {
+            txn.execute_unprepared(
+                "SET SESSION sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')",
+            )
+            .await
+            .expect("sql_mode");
+        }
+        let mut msg = NewMessage::new("orders", round as u32 % 4, payload.clone(), *ty);
+        if let Some((k, v)) = header {
+            msg = msg.header(*k, *v);
+        }
+        let id = outbox.enqueue_message(&txn, msg).await.expect("enqueue");
+        if db.backend == modkit_outbox_tests::Backend::MySql {
+            txn.execute_unprepared("SET SESSION sql_mode = DEFAULT")
+                .await
+                .expect("sql_mode");
+        }
+        txn.commit().await.expect("commit");
+        let row = db
+            .conn
+            .query_one_raw(Statement::from_string(
+                db.conn.get_database_backend(),
+                format!(
+                    "SELECT b.payload, b.payload_type, b.headers, i.partition_id \
+                     FROM modkit_outbox_body b JOIN modkit_outbox_incoming i ON i.body_id = b.id \
+                     WHERE b.id = {id}"
+                ),
+            ))
+            .await
+            .expect("read back")
+            .unwrap_or_else(|| panic!("{:?}: no body/incoming for id {id}", db.backend));
+        let got: Vec<u8> = row.try_get("", "payload").expect("payload");
+        assert_eq!(&got, payload, "{:?}: payload of case {round}", db.backend);
+        let got: String = row.try_get("", "payload_type").expect("type");
+        assert_eq!(got, *ty, "{:?}: type of case {round}", db.backend);
+        let got: Option<String> = row.try_get("", "headers").expect("headers");
+        let want = header.map(|(k, v)| serde_json::json!({ k: v }));
+        assert_eq!(
+            got.map(|h| serde_json::from_str::<serde_json::Value>(&h).expect("json")),
+            want,
+            "{:?}: headers of case {round}",
+            db.backend
+        );
+    }
+    noise.await.expect("noise task");
+    assert_eq!(count(&db.conn, "modkit_outbox_body").await, 44);
+    assert_eq!(count(&db.conn, "modkit_outbox_incoming").await, 44);
+}
+
 backend_tests!(
     rollback_leaves_nothing,
+    single_messages_store_exactly_what_was_given,
     batch_of_1000_pairs_ids_with_bodies,
     invalid_input_is_rejected_and_writes_nothing,
     keyed_enqueue_uses_the_stable_hash,
