@@ -260,7 +260,9 @@ async fn single_messages_store_exactly_what_was_given(db: TestDb) {
         }
     });
     let all_bytes: Vec<u8> = (0..=255u8).collect();
-    let cases: Vec<(Vec<u8>, &str, Option<(&str, &str)>)> = vec![
+    // (payload, payload type, one header)
+    type Case<'a> = (Vec<u8>, &'a str, Option<(&'a str, &'a str)>);
+    let cases: Vec<Case<'_>> = vec![
         (
             all_bytes.repeat(4),
             "t'\\\"é😀",
