@@ -98,11 +98,17 @@ pub(crate) struct AckReq {
 /// cursor moved).
 pub(crate) type AckRes = Shared<Option<DateTime<Utc>>>;
 
-/// The two drivers of one engine instance.
+/// A lease to take: partition id and the expiry asked for.
+pub(crate) type AcquireReq = (i64, DateTime<Utc>);
+/// `Some(expiry written)` when the lease is ours now, `None` when another instance holds it.
+pub(crate) type AcquireRes = Shared<Option<DateTime<Utc>>>;
+
+/// The drivers of one engine instance.
 #[derive(Clone)]
 pub(crate) struct LeasedIo {
     pub(crate) reads: Coalescer<ReadReq, ReadRes>,
     pub(crate) acks: Coalescer<AckReq, AckRes>,
+    pub(crate) acquires: Coalescer<AcquireReq, AcquireRes>,
 }
 
 impl LeasedIo {
@@ -117,7 +123,33 @@ impl LeasedIo {
             let i = i.clone();
             async move { ack_many(&i, &reqs).await }
         });
-        Self { reads, acks }
+        let i = inner.clone();
+        let acquires = Coalescer::spawn(tasks, MAX_IN_LIST, move |reqs| {
+            let i = i.clone();
+            async move { acquire_many(&i, &reqs).await }
+        });
+        Self {
+            reads,
+            acks,
+            acquires,
+        }
+    }
+}
+
+/// Every lease asked for at once in one statement ([`super::lease::acquire_many`]), with one
+/// expiry: the earliest asked for, so no processor believes in a longer lease than written.
+async fn acquire_many(inner: &Inner, reqs: &[AcquireReq]) -> Vec<AcquireRes> {
+    let until = reqs.iter().map(|(_, u)| *u).min().unwrap_or_else(Utc::now);
+    let ids: Vec<i64> = reqs.iter().map(|(pid, _)| *pid).collect();
+    match super::lease::acquire_many(&inner.db, &ids, &inner.instance_id, until).await {
+        Ok(ours) => reqs
+            .iter()
+            .map(|(pid, _)| Ok(ours.contains(pid).then_some(until)))
+            .collect(),
+        Err(e) => {
+            let e = e.to_string();
+            reqs.iter().map(|_| Err(e.clone())).collect()
+        }
     }
 }
 

@@ -640,8 +640,25 @@ impl Partition {
                 // Someone else processes this partition; look again when its lease ends.
                 return Ok(at(until + chrono::Duration::milliseconds(10), true));
             }
-            let new_until = self.lease_until();
-            if !lease::acquire(&db, self.id, me, now, new_until).await? {
+            let mut new_until = self.lease_until();
+            let taken = if let Some(io) = &self.io {
+                // One statement for every processor taking a lease now (a start, a takeover).
+                let res = io
+                    .acquires
+                    .call((self.id, new_until))
+                    .await
+                    .ok_or_else(shutting_down)?;
+                match res.map_err(|e| OutboxError::Db(sea_orm::DbErr::Custom(e)))? {
+                    Some(written) => {
+                        new_until = written;
+                        true
+                    }
+                    None => false,
+                }
+            } else {
+                lease::acquire(&db, self.id, me, now, new_until).await?
+            };
+            if !taken {
                 return Ok(at(Utc::now() + chrono::Duration::milliseconds(50), true));
             }
             self.lease_expires = new_until;
