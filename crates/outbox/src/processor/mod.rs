@@ -149,14 +149,29 @@ fn row_to_message(
 /// sorted by seq in [`messages_in`] (on MariaDB the sort's temporary table cost ~40 % of the
 /// statement's time).
 pub(crate) fn state_and_batch_sql(db: &Db, n: usize) -> String {
+    // PostgreSQL reads each partition's window through a `LATERAL` subquery: with a plain join
+    // its planner, on `outgoing` stats that a queue table's churn keeps stale (or, on a fresh
+    // schema, has none of), hashed a sequential scan of all of `outgoing` against the
+    // partitions (seen with `auto_explain` at 64 partitions: 2.6 ms per read instead of 0.9 at
+    // 8). The lateral form is one `(partition_id, seq)` index range per partition whatever the
+    // estimates; `OFFSET 0` keeps the planner from pulling the subquery up into the same join.
+    // MariaDB has no `LATERAL`; MySQL and SQLite keep the join (their plans use the key, see
+    // PERFORMANCE.md).
+    let window = if db.dialect == Dialect::Postgres {
+        "LEFT JOIN LATERAL (SELECT w.seq, w.body_id FROM modkit_outbox_outgoing w \
+           WHERE w.partition_id = pr.partition_id AND w.seq > pr.processed_seq \
+           AND w.seq <= pr.processed_seq + ? OFFSET 0) o ON true"
+    } else {
+        "LEFT JOIN modkit_outbox_outgoing o ON o.partition_id = pr.partition_id \
+           AND o.seq > pr.processed_seq AND o.seq <= pr.processed_seq + ?"
+    };
     format!(
         "SELECT pr.partition_id AS pid, p.{seq} AS high, pr.processed_seq, pr.attempts, \
          pr.retry_at, pr.locked_by, pr.locked_until, o.seq, b.id, b.payload, b.payload_type, \
          b.headers, b.created_at \
          FROM modkit_outbox_processor pr \
          JOIN modkit_outbox_partitions p ON p.id = pr.partition_id \
-         LEFT JOIN modkit_outbox_outgoing o ON o.partition_id = pr.partition_id \
-           AND o.seq > pr.processed_seq AND o.seq <= pr.processed_seq + ? \
+         {window} \
          LEFT JOIN modkit_outbox_body b ON b.id = o.body_id \
          WHERE {}",
         db.dialect.in_list("pr.partition_id", n),
