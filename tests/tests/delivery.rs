@@ -1018,14 +1018,17 @@ async fn free_leases_go_to_the_sequencing_instance(db: TestDb) {
     // On MySQL and SQLite B's sequencer also looks for rows nobody announced (fast for a while
     // after its start), and a look that lands between the commit and A's pass sequences round
     // 1 itself: then B is the sequencing instance. Never a split.
+    // One message per partition, its payload the round number.
+    let round_of = |round: usize| -> Vec<NewMessage> {
+        (0..8u32)
+            .map(|p| NewMessage::new("x", p, format!("{round}"), "t"))
+            .collect()
+    };
     let mut winner: Option<(&Recorder, &Recorder, &str)> = None;
     for round in 1..=3usize {
-        let msgs: Vec<NewMessage> = (0..8u32)
-            .map(|p| NewMessage::new("x", p, format!("{round}"), "t"))
-            .collect();
         let txn = db.conn.begin().await.expect("begin");
         a.outbox()
-            .enqueue_batch(&txn, &msgs)
+            .enqueue_batch(&txn, &round_of(round))
             .await
             .expect("enqueue");
         txn.commit().await.expect("commit");
@@ -1049,12 +1052,9 @@ async fn free_leases_go_to_the_sequencing_instance(db: TestDb) {
                 // SQLite has no cross-instance wake-up and no hand-over to the holder: A's own
                 // passes now sequence rows of B's partitions, which wait for B's leases to lapse
                 // (backend/sqlite.rs: run one engine per file). Still every message exactly once.
-                for round in 2..=3u32 {
-                    let msgs: Vec<NewMessage> = (0..8u32)
-                        .map(|p| NewMessage::new("x", p, format!("{round}"), "t"))
-                        .collect();
+                for round in 2..=3 {
                     a.outbox()
-                        .enqueue_batch(&db.conn, &msgs)
+                        .enqueue_batch(&db.conn, &round_of(round))
                         .await
                         .expect("enqueue");
                 }

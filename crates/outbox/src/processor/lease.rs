@@ -7,34 +7,10 @@ use sea_orm::Value;
 
 use crate::backend::{Db, Dialect, execute, query_all};
 
-/// Takes the lease when it is free, expired, or already ours. Returns whether we own it now.
-pub(crate) async fn acquire(
-    db: &Db,
-    partition_id: i64,
-    owner: &str,
-    now: DateTime<Utc>,
-    until: DateTime<Utc>,
-) -> Result<bool, sea_orm::DbErr> {
-    let d = db.dialect;
-    let n = db
-        .exec_write(
-            "UPDATE modkit_outbox_processor SET locked_by = ?, locked_until = ? \
-             WHERE partition_id = ? AND (locked_by IS NULL OR locked_by = ? OR locked_until < ?)",
-            vec![
-                Value::from(owner),
-                d.time(until),
-                Value::from(partition_id),
-                Value::from(owner),
-                d.time(now),
-            ],
-        )
-        .await?;
-    Ok(n == 1)
-}
-
-/// [`acquire`] for many partitions in one statement (the processors a pass woke at once, e.g.
-/// every partition of an instance that starts or takes over). Returns the partitions whose
-/// lease is ours now. PostgreSQL and SQLite return them from the `UPDATE`; on MySQL a count
+/// Takes the leases of these partitions that are free, expired, or already ours, in one
+/// statement (the leased processors go through the coalescer: every one taking a lease at that
+/// moment, e.g. all partitions of an instance that starts or takes over). Returns the
+/// partitions whose lease is ours now. PostgreSQL and SQLite return them from the `UPDATE`; on MySQL a count
 /// short of the request is resolved by reading the owners back (a lease this statement took
 /// cannot lapse before that read: it was written `lease_ttl` ahead). Unlike the leased ack,
 /// the commit is durable on PostgreSQL too: a lease lost to a server crash could let a second

@@ -655,27 +655,23 @@ impl Partition {
                 // Someone else processes this partition; look again when its lease ends.
                 return Ok(at(until + chrono::Duration::milliseconds(10), true));
             }
-            let mut new_until = self.lease_until();
-            let taken = if let Some(io) = &self.io {
+            let asked = self.lease_until();
+            let taken = match &self.io {
                 // One statement for every processor taking a lease now (a start, a takeover).
-                let res = io
+                Some(io) => io
                     .acquires
-                    .call((self.id, new_until))
+                    .call((self.id, asked))
                     .await
-                    .ok_or_else(shutting_down)?;
-                match res.map_err(|e| OutboxError::Db(sea_orm::DbErr::Custom(e)))? {
-                    Some(written) => {
-                        new_until = written;
-                        true
-                    }
-                    None => false,
-                }
-            } else {
-                lease::acquire(&db, self.id, me, now, new_until).await?
+                    .ok_or_else(shutting_down)?
+                    .map_err(|e| OutboxError::Db(sea_orm::DbErr::Custom(e)))?,
+                None => lease::acquire_many(&db, &[self.id], me, asked)
+                    .await?
+                    .contains(&self.id)
+                    .then_some(asked),
             };
-            if !taken {
+            let Some(new_until) = taken else {
                 return Ok(at(Utc::now() + chrono::Duration::milliseconds(50), true));
-            }
+            };
             self.lease_expires = new_until;
             if !mine {
                 tracing::debug!(queue = %self.queue.name, partition = self.index, "lease acquired");
