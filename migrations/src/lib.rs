@@ -26,6 +26,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_create_schema;
 mod m20261124_000002_sqlite_incoming_prefix;
+mod m20261124_000003_lean_queue_indexes;
 
 /// Every table the outbox owns, in creation (foreign-key) order. `down` drops them in reverse.
 pub const TABLES: [&str; 7] = [
@@ -43,6 +44,7 @@ pub fn outbox_migrations() -> Vec<Box<dyn MigrationTrait>> {
     vec![
         Box::new(m20261123_000001_create_schema::Migration),
         Box::new(m20261124_000002_sqlite_incoming_prefix::Migration),
+        Box::new(m20261124_000003_lean_queue_indexes::Migration),
     ]
 }
 

@@ -71,8 +71,10 @@ async fn cli_up_status_down_fresh_refresh(db: TestDb) {
     cli(&db, &["up"]); // nothing pending: harmless
     assert_eq!(outbox_table_count(&db).await, 7);
 
-    // `down` rolls back the newest migration only (sea-orm's default of one step): the SQLite
-    // index migration, which leaves every table in place.
+    // `down` rolls back the newest migration only (sea-orm's default of one step): the queue
+    // index migration and the SQLite index migration leave every table in place.
+    cli(&db, &["down"]);
+    assert_eq!(outbox_table_count(&db).await, 7);
     cli(&db, &["down"]);
     assert_eq!(outbox_table_count(&db).await, 7);
     cli(&db, &["down"]);

@@ -296,6 +296,54 @@ async fn orphaned_bodies_are_collected(db: TestDb) {
             .await
             .expect("orphan");
     }
+    // Old bodies that an `incoming` or an `outgoing` row still references must stay, however
+    // old: here in a queue no engine serves, so nothing else moves them.
+    let columns = if db.backend == Backend::MySql {
+        "queue, `partition`, `sequence`"
+    } else {
+        "queue, \"partition\", \"sequence\""
+    };
+    db.conn
+        .execute_unprepared(&format!(
+            "INSERT INTO modkit_outbox_partitions ({columns}) VALUES ('idle', 0, 1)"
+        ))
+        .await
+        .expect("idle partition");
+    let idle = scalar(
+        &db.conn,
+        "SELECT id AS n FROM modkit_outbox_partitions WHERE queue = 'idle'",
+    )
+    .await;
+    let mut referenced = Vec::new();
+    for _ in 0..2 {
+        db.conn
+            .execute_unprepared(&format!(
+                "INSERT INTO modkit_outbox_body (payload, payload_type, created_at) VALUES ({blob}, 'referenced', {old})"
+            ))
+            .await
+            .expect("referenced body");
+        referenced.push(
+            scalar(
+                &db.conn,
+                "SELECT MAX(id) AS n FROM modkit_outbox_body WHERE payload_type = 'referenced'",
+            )
+            .await,
+        );
+    }
+    db.conn
+        .execute_unprepared(&format!(
+            "INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES ({idle}, {})",
+            referenced[0]
+        ))
+        .await
+        .expect("incoming");
+    db.conn
+        .execute_unprepared(&format!(
+            "INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) VALUES ({idle}, {}, 1, {old})",
+            referenced[1]
+        ))
+        .await
+        .expect("outgoing");
     let h = Outbox::builder(db.conn.clone())
         .config(OutboxConfig {
             orphan_min_age: Duration::from_secs(60),
@@ -326,6 +374,16 @@ async fn orphaned_bodies_are_collected(db: TestDb) {
         })
         .await,
         "{:?}: orphans collected at start",
+        db.backend
+    );
+    assert_eq!(
+        scalar(
+            &db.conn,
+            "SELECT COUNT(*) AS n FROM modkit_outbox_body WHERE payload_type = 'referenced'",
+        )
+        .await,
+        2,
+        "{:?}: referenced bodies kept",
         db.backend
     );
     h.stop().await;

@@ -2,6 +2,7 @@
 //! index exists after `up`; `up` twice is harmless; a half-applied migration recovers; `down`
 //! leaves nothing.
 
+use modkit_outbox::{Outbox, OutboxError, Partitions};
 use modkit_outbox_migration::{Migrator, TABLES};
 use modkit_outbox_tests::{Backend, TestDb, backend_tests};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
@@ -60,7 +61,6 @@ fn expected_columns() -> Vec<(&'static str, Vec<ColumnSpec>)> {
         (
             "modkit_outbox_outgoing",
             vec![
-                ("id", Id, R),
                 ("partition_id", BigInt, R),
                 ("body_id", BigInt, R),
                 ("seq", BigInt, R),
@@ -111,9 +111,7 @@ fn expected_columns() -> Vec<(&'static str, Vec<ColumnSpec>)> {
 /// (table, columns in order, unique)
 const EXPECTED_INDEXES: &[(&str, &[&str], bool)] = &[
     ("modkit_outbox_partitions", &["queue", "partition"], true),
-    ("modkit_outbox_incoming", &["body_id"], false),
     ("modkit_outbox_outgoing", &["partition_id", "seq"], true),
-    ("modkit_outbox_outgoing", &["body_id"], false),
     ("modkit_outbox_dead_letters", &["status", "deadline"], false),
     (
         "modkit_outbox_dead_letters",
@@ -301,6 +299,31 @@ async fn indexes_of(db: &TestDb, table: &str) -> Vec<(Vec<String>, bool)> {
     }
 }
 
+/// The primary key's columns, in key order.
+async fn primary_key_of(db: &TestDb, table: &str) -> Vec<String> {
+    let sql = match db.backend {
+        Backend::Postgres => format!(
+            "SELECT a.attname::text AS name FROM pg_index ix \
+             CROSS JOIN LATERAL unnest(ix.indkey) WITH ORDINALITY k(attnum, ord) \
+             JOIN pg_attribute a ON a.attrelid = ix.indrelid AND a.attnum = k.attnum \
+             WHERE ix.indrelid = '{table}'::regclass AND ix.indisprimary ORDER BY k.ord"
+        ),
+        Backend::MySql => format!(
+            "SELECT CAST(COLUMN_NAME AS CHAR) AS name FROM information_schema.statistics \
+             WHERE table_schema = DATABASE() AND table_name = '{table}' \
+             AND INDEX_NAME = 'PRIMARY' ORDER BY SEQ_IN_INDEX"
+        ),
+        Backend::Sqlite => {
+            format!("SELECT name FROM pragma_table_info('{table}') WHERE pk > 0 ORDER BY pk")
+        }
+    };
+    rows(&db.conn, &sql)
+        .await
+        .iter()
+        .map(|r| s(r, "name"))
+        .collect()
+}
+
 /// (column, referenced table) for every foreign key of `table`.
 async fn foreign_keys_of(db: &TestDb, table: &str) -> Vec<(String, String)> {
     let c = &db.conn;
@@ -414,6 +437,23 @@ async fn assert_full_schema(db: &TestDb) {
         db.backend
     );
 
+    // The third migration: no `body_id` index on the queue tables (two index entries per
+    // message for the orphan sweep alone), and `outgoing` keyed by `(partition_id, seq)`.
+    for table in ["modkit_outbox_incoming", "modkit_outbox_outgoing"] {
+        let got = indexes_of(db, table).await;
+        assert!(
+            !got.iter().any(|(c, _)| c.iter().any(|c| c == "body_id")),
+            "{:?}: {table} has a body_id index; has {got:?}",
+            db.backend
+        );
+    }
+    assert_eq!(
+        primary_key_of(db, "modkit_outbox_outgoing").await,
+        ["partition_id", "seq"],
+        "{:?}: outgoing's primary key",
+        db.backend
+    );
+
     for (table, col, reft) in EXPECTED_FKS {
         let got = foreign_keys_of(db, table).await;
         assert!(
@@ -474,12 +514,9 @@ async fn half_applied_migration_recovers(db: TestDb) {
             .await
             .expect("drop");
     }
-    if db.backend != Backend::MySql {
-        // PostgreSQL and SQLite create indexes in separate statements; lose two of them.
-        c.execute_unprepared("DROP INDEX modkit_outbox_incoming_body_idx")
-            .await
-            .expect("drop index");
-        c.execute_unprepared("DROP INDEX modkit_outbox_outgoing_body_idx")
+    if db.backend == Backend::Postgres {
+        // PostgreSQL creates indexes in separate statements; lose one.
+        c.execute_unprepared("DROP INDEX modkit_outbox_incoming_partition_idx")
             .await
             .expect("drop index");
     }
@@ -536,7 +573,162 @@ async fn down_leaves_nothing(db: TestDb) {
     assert_full_schema(&db).await;
 }
 
+/// The third migration's `down` and `up` keep the queue rows, and its `up` finishes after a crash
+/// between its steps (MySQL commits each DDL statement on its own).
+async fn lean_indexes_migration_keeps_rows(db: TestDb) {
+    Migrator::up(&db.conn, None).await.expect("up");
+    let c = &db.conn;
+    let (ph, now) = match db.backend {
+        Backend::Postgres => ("'\\x00'::bytea", "now()"),
+        Backend::MySql => ("X'00'", "CURRENT_TIMESTAMP(6)"),
+        Backend::Sqlite => ("X'00'", "'2026-01-01T00:00:00Z'"),
+    };
+    let q = if db.backend == Backend::MySql {
+        '`'
+    } else {
+        '"'
+    };
+    c.execute_unprepared(&format!(
+        "INSERT INTO modkit_outbox_partitions (queue, {q}partition{q}, {q}sequence{q}) VALUES ('q', 0, 3)"
+    ))
+    .await
+    .expect("partition");
+    for seq in 1..=3 {
+        c.execute_unprepared(&format!(
+            "INSERT INTO modkit_outbox_body (payload, payload_type, created_at) VALUES ({ph}, 't', {now})"
+        ))
+        .await
+        .expect("body");
+        c.execute_unprepared(&format!(
+            "INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) \
+             VALUES (1, {seq}, {seq}, {now})"
+        ))
+        .await
+        .expect("outgoing");
+    }
+    let outgoing = |c: DatabaseConnection| async move {
+        rows(
+            &c,
+            "SELECT partition_id, body_id, seq FROM modkit_outbox_outgoing ORDER BY seq",
+        )
+        .await
+        .iter()
+        .map(|r| {
+            let v = |col| r.try_get::<i64>("", col).expect(col);
+            (v("partition_id"), v("body_id"), v("seq"))
+        })
+        .collect::<Vec<_>>()
+    };
+    let want = vec![(1, 1, 1), (1, 2, 2), (1, 3, 3)];
+
+    Migrator::down(c, Some(1)).await.expect("down one");
+    assert_eq!(
+        outgoing(c.clone()).await,
+        want,
+        "{:?}: after down",
+        db.backend
+    );
+    let cols: Vec<String> = columns_of(&db, "modkit_outbox_outgoing")
+        .await
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
+    assert!(
+        cols.iter().any(|n| n == "id"),
+        "{:?}: down restores outgoing.id; has {cols:?}",
+        db.backend
+    );
+    for table in ["modkit_outbox_incoming", "modkit_outbox_outgoing"] {
+        let got = indexes_of(&db, table).await;
+        assert!(
+            got.iter().any(|(c, u)| *c == ["body_id"] && !u),
+            "{:?}: down restores {table}'s body_id index; has {got:?}",
+            db.backend
+        );
+    }
+    // The old shape takes new rows again (the identity column fills itself).
+    c.execute_unprepared(&format!(
+        "INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) \
+         VALUES (1, 4, 4, {now})"
+    ))
+    .await
+    .expect("outgoing in the old shape");
+    c.execute_unprepared("DELETE FROM modkit_outbox_outgoing WHERE seq = 4")
+        .await
+        .expect("delete");
+
+    if db.backend == Backend::MySql {
+        // A crash after the first step: the incoming index is gone, outgoing is not rebuilt.
+        c.execute_unprepared(
+            "ALTER TABLE modkit_outbox_incoming DROP INDEX modkit_outbox_incoming_body_idx",
+        )
+        .await
+        .expect("first step");
+    }
+    Migrator::up(c, None).await.expect("up again");
+    assert_eq!(
+        outgoing(c.clone()).await,
+        want,
+        "{:?}: after up",
+        db.backend
+    );
+    assert_full_schema(&db).await;
+    // The key refuses a second row at the same place.
+    let dup = c
+        .execute_unprepared(&format!(
+            "INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) \
+             VALUES (1, 9, 2, {now})"
+        ))
+        .await;
+    assert!(
+        dup.is_err(),
+        "{:?}: duplicate (partition, seq) accepted",
+        db.backend
+    );
+}
+
+/// The engine checks the schema when an outbox is built: no tables is `SchemaMissing`, a
+/// database one migration behind is `SchemaOutdated` naming that migration, and neither writes
+/// anything.
+async fn engine_refuses_a_missing_or_outdated_schema(db: TestDb) {
+    let build = |c: DatabaseConnection| async move {
+        Outbox::builder(c)
+            .queue("q", Partitions::of(2))
+            .producer_only()
+            .build()
+            .await
+    };
+    let err = build(db.conn.clone()).await.err();
+    assert!(
+        matches!(err, Some(OutboxError::SchemaMissing(_))),
+        "{:?}: no schema gave {err:?}",
+        db.backend
+    );
+
+    Migrator::up(&db.conn, None).await.expect("up");
+    Migrator::down(&db.conn, Some(1)).await.expect("down one");
+    let err = build(db.conn.clone()).await.err();
+    match &err {
+        Some(e @ OutboxError::SchemaOutdated { migration }) => {
+            assert_eq!(*migration, "m20261124_000003_lean_queue_indexes");
+            assert!(e.to_string().contains(migration), "{e}");
+        }
+        other => panic!("{:?}: outdated schema gave {other:?}", db.backend),
+    }
+    let partitions = rows(&db.conn, "SELECT id FROM modkit_outbox_partitions").await;
+    assert!(
+        partitions.is_empty(),
+        "{:?}: a refused build wrote partitions",
+        db.backend
+    );
+
+    Migrator::up(&db.conn, None).await.expect("up again");
+    build(db.conn.clone()).await.expect("current schema");
+}
+
 backend_tests!(
+    engine_refuses_a_missing_or_outdated_schema,
+    lean_indexes_migration_keeps_rows,
     up_creates_the_full_schema,
     up_twice_is_harmless,
     half_applied_migration_recovers,

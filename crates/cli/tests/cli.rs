@@ -37,10 +37,11 @@ fn json(db: &TestDb, args: &[&str]) -> serde_json::Value {
 async fn cli_end_to_end(db: TestDb) {
     // migrate
     let st = json(&db, &["migrate", "status"]);
-    assert_eq!(st["pending"].as_array().map(Vec::len), Some(2));
+    assert_eq!(st["pending"].as_array().map(Vec::len), Some(3));
     let st = json(&db, &["migrate", "up"]);
     assert_eq!(st["applied"][0], "m20261123_000001_create_schema");
     assert_eq!(st["applied"][1], "m20261124_000002_sqlite_incoming_prefix");
+    assert_eq!(st["applied"][2], "m20261124_000003_lean_queue_indexes");
     assert_eq!(st["pending"].as_array().map(Vec::len), Some(0));
 
     // demo: one dead letter (the negative amount)
@@ -164,7 +165,7 @@ async fn cli_end_to_end(db: TestDb) {
     let refused = outbox(&db, &["migrate", "fresh"]);
     assert_eq!(refused.status.code(), Some(5));
     let st = json(&db, &["migrate", "fresh", "--yes"]);
-    assert_eq!(st["applied"].as_array().map(Vec::len), Some(2));
+    assert_eq!(st["applied"].as_array().map(Vec::len), Some(3));
     assert_eq!(st["pending"].as_array().map(Vec::len), Some(0));
     let stats = json(&db, &["stats"]);
     assert_eq!(stats["partitions"].as_array().map(Vec::len), Some(0));
@@ -181,7 +182,7 @@ async fn cli_end_to_end(db: TestDb) {
     let refused = outbox(&db, &["migrate", "down"]);
     assert_eq!(refused.status.code(), Some(5));
     let st = json(&db, &["migrate", "down", "--yes"]);
-    assert_eq!(st["pending"].as_array().map(Vec::len), Some(2));
+    assert_eq!(st["pending"].as_array().map(Vec::len), Some(3));
 }
 
 async fn cli_reports_unreachable_database(db: TestDb) {

@@ -95,8 +95,17 @@ pub enum OutboxError {
     #[error("unsupported database backend {0}")]
     UnsupportedBackend(String),
     /// The outbox schema is missing: run the `modkit-outbox-migration` migrations first.
-    #[error("outbox schema missing or outdated (run the modkit-outbox migrations): {0}")]
+    #[error("outbox schema missing (run the modkit-outbox migrations): {0}")]
     SchemaMissing(DbErr),
+    /// The outbox schema predates this engine: a migration of `modkit-outbox-migration` has not
+    /// been applied. Nothing was written; run the migrations, then build the outbox again.
+    #[error(
+        "outbox schema is older than this engine: apply migration `{migration}` (modkit-outbox-migration)"
+    )]
+    SchemaOutdated {
+        /// The newest migration the engine needs.
+        migration: &'static str,
+    },
     /// A database error.
     #[error("database error: {0}")]
     Db(#[from] DbErr),

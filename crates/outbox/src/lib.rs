@@ -51,6 +51,7 @@ mod message;
 mod outbox;
 mod processor;
 mod queues;
+mod schema;
 mod sequencer;
 mod signals;
 mod stats;

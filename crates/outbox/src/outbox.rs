@@ -293,6 +293,7 @@ impl OutboxBuilder {
             crate::backend::sqlite::prepare(&self.db).await?;
         }
         let db = Db::new(self.db, dialect);
+        crate::schema::check(&db).await?;
         let queues =
             crate::queues::register(&db, self.queues, self.config.retry, self.config.batch_size)
                 .await?;
