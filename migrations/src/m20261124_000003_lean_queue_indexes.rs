@@ -123,21 +123,26 @@ fn table_exists_sql(backend: DbBackend, table: &str) -> String {
     }
 }
 
-fn column_exists_sql(backend: DbBackend, table: &str, column: &str) -> String {
-    match backend {
-        DbBackend::MySql => format!(
-            "SELECT 1 AS one FROM information_schema.columns \
-             WHERE table_schema = DATABASE() AND table_name = '{table}' AND column_name = '{column}'"
-        ),
-        _ => format!("SELECT 1 AS one FROM pragma_table_info('{table}') WHERE name = '{column}'"),
-    }
+/// Whether `outgoing` still has the first migration's shape (SQLite and MySQL).
+async fn outgoing_has_id(conn: &SchemaManagerConnection<'_>) -> Result<bool, DbErr> {
+    let sql = match conn.get_database_backend() {
+        DbBackend::MySql => {
+            "SELECT 1 AS one FROM information_schema.columns WHERE table_schema = DATABASE() \
+             AND table_name = 'modkit_outbox_outgoing' AND column_name = 'id'"
+        }
+        _ => "SELECT 1 AS one FROM pragma_table_info('modkit_outbox_outgoing') WHERE name = 'id'",
+    };
+    exists(conn, sql).await
 }
 
-fn mysql_index_exists_sql(table: &str, index: &str) -> String {
-    format!(
-        "SELECT 1 AS one FROM information_schema.statistics \
-         WHERE table_schema = DATABASE() AND table_name = '{table}' AND index_name = '{index}'"
+/// Whether MySQL's `incoming` still has its `body_id` index.
+async fn mysql_incoming_body_index(conn: &SchemaManagerConnection<'_>) -> Result<bool, DbErr> {
+    exists(
+        conn,
+        "SELECT 1 AS one FROM information_schema.statistics WHERE table_schema = DATABASE() \
+         AND table_name = 'modkit_outbox_incoming' AND index_name = 'modkit_outbox_incoming_body_idx'",
     )
+    .await
 }
 
 // The trait's signature elides `SchemaManager`'s lifetime; naming it breaks the async-trait impl.
@@ -155,12 +160,7 @@ impl MigrationTrait for Migration {
         match backend {
             DbBackend::Postgres => run(conn, PG_UP).await,
             DbBackend::Sqlite => {
-                if exists(
-                    conn,
-                    &column_exists_sql(backend, "modkit_outbox_outgoing", "id"),
-                )
-                .await?
-                {
+                if outgoing_has_id(conn).await? {
                     run(conn, SQLITE_REBUILD_UP).await?;
                 }
                 // Also after the rebuild: a re-run of the first migration re-creates them.
@@ -174,26 +174,13 @@ impl MigrationTrait for Migration {
                 .await
             }
             DbBackend::MySql => {
-                if exists(
-                    conn,
-                    &mysql_index_exists_sql(
-                        "modkit_outbox_incoming",
-                        "modkit_outbox_incoming_body_idx",
-                    ),
-                )
-                .await?
-                {
+                if mysql_incoming_body_index(conn).await? {
                     conn.execute_unprepared(
                         "ALTER TABLE modkit_outbox_incoming DROP INDEX modkit_outbox_incoming_body_idx",
                     )
                     .await?;
                 }
-                if exists(
-                    conn,
-                    &column_exists_sql(backend, "modkit_outbox_outgoing", "id"),
-                )
-                .await?
-                {
+                if outgoing_has_id(conn).await? {
                     conn.execute_unprepared(MYSQL_OUTGOING_UP).await?;
                 }
                 Ok(())
@@ -218,12 +205,7 @@ impl MigrationTrait for Migration {
         match backend {
             DbBackend::Postgres => run(conn, PG_DOWN).await,
             DbBackend::Sqlite => {
-                if !exists(
-                    conn,
-                    &column_exists_sql(backend, "modkit_outbox_outgoing", "id"),
-                )
-                .await?
-                {
+                if !outgoing_has_id(conn).await? {
                     run(conn, SQLITE_REBUILD_DOWN).await?;
                 }
                 run(
@@ -238,23 +220,10 @@ impl MigrationTrait for Migration {
                 .await
             }
             DbBackend::MySql => {
-                if !exists(
-                    conn,
-                    &column_exists_sql(backend, "modkit_outbox_outgoing", "id"),
-                )
-                .await?
-                {
+                if !outgoing_has_id(conn).await? {
                     conn.execute_unprepared(MYSQL_OUTGOING_DOWN).await?;
                 }
-                if !exists(
-                    conn,
-                    &mysql_index_exists_sql(
-                        "modkit_outbox_incoming",
-                        "modkit_outbox_incoming_body_idx",
-                    ),
-                )
-                .await?
-                {
+                if !mysql_incoming_body_index(conn).await? {
                     conn.execute_unprepared(
                         "ALTER TABLE modkit_outbox_incoming ADD KEY modkit_outbox_incoming_body_idx (body_id)",
                     )

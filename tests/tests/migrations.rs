@@ -530,20 +530,20 @@ async fn half_applied_migration_recovers(db: TestDb) {
     assert_eq!(applied_count(c).await, Migrator::migrations().len());
 }
 
+/// A one-byte payload literal, the current time, and the identifier quote, per backend.
+fn literals(backend: Backend) -> (&'static str, &'static str, char) {
+    match backend {
+        Backend::Postgres => ("'\\x00'::bytea", "now()", '"'),
+        Backend::MySql => ("X'00'", "CURRENT_TIMESTAMP(6)", '`'),
+        Backend::Sqlite => ("X'00'", "'2026-01-01T00:00:00Z'", '"'),
+    }
+}
+
 async fn down_leaves_nothing(db: TestDb) {
     Migrator::up(&db.conn, None).await.expect("up");
     // Rows in every table: `down` must drop in foreign-key order even when data references data.
     let c = &db.conn;
-    let (ph, now) = match db.backend {
-        Backend::Postgres => ("'\\x00'::bytea", "now()"),
-        Backend::MySql => ("X'00'", "CURRENT_TIMESTAMP(6)"),
-        Backend::Sqlite => ("X'00'", "'2026-01-01T00:00:00Z'"),
-    };
-    let q = if db.backend == Backend::MySql {
-        '`'
-    } else {
-        '"'
-    };
+    let (ph, now, q) = literals(db.backend);
     for sql in [
         format!(
             "INSERT INTO modkit_outbox_body (payload, payload_type, created_at) VALUES ({ph}, 't', {now})"
@@ -578,16 +578,7 @@ async fn down_leaves_nothing(db: TestDb) {
 async fn lean_indexes_migration_keeps_rows(db: TestDb) {
     Migrator::up(&db.conn, None).await.expect("up");
     let c = &db.conn;
-    let (ph, now) = match db.backend {
-        Backend::Postgres => ("'\\x00'::bytea", "now()"),
-        Backend::MySql => ("X'00'", "CURRENT_TIMESTAMP(6)"),
-        Backend::Sqlite => ("X'00'", "'2026-01-01T00:00:00Z'"),
-    };
-    let q = if db.backend == Backend::MySql {
-        '`'
-    } else {
-        '"'
-    };
+    let (ph, now, q) = literals(db.backend);
     c.execute_unprepared(&format!(
         "INSERT INTO modkit_outbox_partitions (queue, {q}partition{q}, {q}sequence{q}) VALUES ('q', 0, 3)"
     ))
