@@ -239,6 +239,111 @@ async fn transactional_batch_handler_replays_one_by_one(db: TestDb) {
     assert_eq!(count(&db.conn, "modkit_outbox_dead_letters").await, 1);
 }
 
+/// `stop()` releases this instance's leases in one statement after its processors end, also
+/// those of a processor it had to abort at the shutdown deadline, and never a lease another
+/// instance holds.
+async fn stop_releases_its_own_leases_even_after_aborting(db: TestDb) {
+    migrate(&db).await;
+    // Register the queue's rows, then let another owner hold partition 1 for a long time.
+    Outbox::builder(db.conn.clone())
+        .queue("stuck", Partitions::of(2))
+        .producer_only()
+        .build()
+        .await
+        .expect("register");
+    let far = match db.backend {
+        Backend::Postgres => "TIMESTAMPTZ '2037-01-01 00:00:00+00'",
+        Backend::MySql => "TIMESTAMP('2037-01-01 00:00:00')",
+        Backend::Sqlite => "'2037-01-01T00:00:00.000000Z'",
+    };
+    let p = if db.backend == Backend::MySql {
+        "`partition`"
+    } else {
+        "\"partition\""
+    };
+    db.conn
+        .execute_unprepared(&format!(
+            "UPDATE modkit_outbox_processor SET locked_by = 'other-instance', locked_until = {far} \
+             WHERE partition_id = (SELECT id FROM modkit_outbox_partitions WHERE queue = 'stuck' AND {p} = 1)"
+        ))
+        .await
+        .expect("foreign lease");
+
+    let started = Arc::new(AtomicUsize::new(0));
+    let s = started.clone();
+    let h = Outbox::builder(db.connect().await)
+        .config(OutboxConfig {
+            lease_ttl: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_millis(300),
+            ..fast_config()
+        })
+        .queue("stuck", Partitions::of(2))
+        .leased(move |_m: Message| {
+            let s = s.clone();
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                // A handler that never returns: only the shutdown deadline ends it.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                HandlerResult::Ok(Outcome::Ack)
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    h.outbox()
+        .enqueue(&db.conn, "stuck", 0, "hang", "t")
+        .await
+        .expect("enqueue");
+    let s = started.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = s.clone();
+            async move { s.load(Ordering::SeqCst) > 0 }
+        })
+        .await,
+        "{:?}: the handler started",
+        db.backend
+    );
+    let t = Instant::now();
+    h.stop().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "{:?}: stop() kept its deadline",
+        db.backend
+    );
+    let holder = |part: i32| {
+        let conn = db.conn.clone();
+        async move {
+            let rows = conn
+                .query_all_raw(Statement::from_string(
+                    conn.get_database_backend(),
+                    format!(
+                        "SELECT pr.locked_by FROM modkit_outbox_processor pr \
+                         JOIN modkit_outbox_partitions pa ON pa.id = pr.partition_id \
+                         WHERE pa.queue = 'stuck' AND pa.{p} = {part}"
+                    ),
+                ))
+                .await
+                .expect("holder");
+            rows[0]
+                .try_get::<Option<String>>("", "locked_by")
+                .expect("locked_by")
+        }
+    };
+    assert_eq!(
+        holder(0).await,
+        None,
+        "{:?}: the aborted processor's lease was released",
+        db.backend
+    );
+    assert_eq!(
+        holder(1).await.as_deref(),
+        Some("other-instance"),
+        "{:?}: another instance's lease was left alone",
+        db.backend
+    );
+}
+
 async fn handler_panic_is_retried_not_fatal(db: TestDb) {
     migrate(&db).await;
     let rec = Recorder::default();
@@ -489,4 +594,5 @@ backend_tests!(
     transactional_replay_keeps_the_failed_result,
     handler_panic_is_retried_not_fatal,
     orphaned_bodies_are_collected,
+    stop_releases_its_own_leases_even_after_aborting,
 );

@@ -425,8 +425,9 @@ impl OutboxHandle {
     }
 
     /// Stops the engine: in-flight batches finish (within
-    /// [`OutboxConfig::shutdown_timeout`]), leases are released so another instance takes over
-    /// at once, then the tasks end. Tasks still running after the deadline are aborted.
+    /// [`OutboxConfig::shutdown_timeout`]; tasks still running after it are aborted), then every
+    /// lease this instance holds is released in one statement, so another instance takes over
+    /// at once.
     pub async fn stop(mut self) {
         self.cancel.cancel();
         let deadline = self.outbox.inner.config.shutdown_timeout;
@@ -447,7 +448,21 @@ impl OutboxHandle {
             self.tasks.abort_all();
             while self.tasks.join_next().await.is_some() {}
         }
-        tracing::info!(instance = %self.outbox.inner.instance_id, "outbox stopped");
+        // No processor runs any more (ended or aborted): hand every lease over at once.
+        let inner = &self.outbox.inner;
+        let leased: Vec<i64> = inner
+            .queues
+            .values()
+            .filter(|q| q.handler.is_some())
+            .flat_map(|q| q.partition_ids.iter().copied())
+            .collect();
+        if !leased.is_empty()
+            && let Err(e) =
+                crate::processor::lease::release_all(&inner.db, &leased, &inner.instance_id).await
+        {
+            tracing::warn!(error = %e, "could not release leases on shutdown; they lapse instead");
+        }
+        tracing::info!(instance = %inner.instance_id, "outbox stopped");
     }
 
     /// Aborts every task at once, like a crash (no lease release). For tests and emergencies.

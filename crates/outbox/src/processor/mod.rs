@@ -6,7 +6,7 @@
 //!   with an ownership-guarded update that also extends the lease. A lost lease cancels the
 //!   running handler. An idle partition's lease is not released (no write): it lapses after its
 //!   TTL, or is reused without a write when work arrives first, so a busy partition keeps its
-//!   owner. `stop()` releases every lease at once.
+//!   owner. `stop()` releases every lease at once, in one statement after the processors end.
 //! * **Transactional** (exactly-once database side effects): the handler runs inside the
 //!   transaction that advances the cursor, under a `SKIP LOCKED` row lock on the partition's
 //!   `processor` row (`transactional.rs`: no savepoint unless a message fails).
@@ -563,11 +563,8 @@ impl Partition {
                 break;
             }
         }
-        if self.holds_lease
-            && let Err(e) = lease::release(&self.inner.db, self.id, &self.inner.instance_id).await
-        {
-            tracing::warn!(error = %e, "could not release lease on shutdown");
-        }
+        // The lease, if held, is released by `stop()` once every processor has ended, for all
+        // partitions in one statement.
     }
 }
 
