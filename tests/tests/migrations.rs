@@ -715,6 +715,32 @@ async fn engine_refuses_a_missing_or_outdated_schema(db: TestDb) {
 
     Migrator::up(&db.conn, None).await.expect("up again");
     build(db.conn.clone()).await.expect("current schema");
+
+    if db.backend == Backend::Postgres {
+        // The check resolves the table through the search path, as the engine's statements
+        // do: tables in `public` behind an empty first schema are found.
+        db.conn
+            .execute_unprepared("CREATE SCHEMA app_first")
+            .await
+            .expect("schema");
+        let sep = if db.url.contains('?') { '&' } else { '?' };
+        let url = format!(
+            "{}{sep}options=-c%20search_path%3Dapp_first%2Cpublic",
+            db.url
+        );
+        let conn = sea_orm::Database::connect(url.as_str())
+            .await
+            .expect("connect with a search path");
+        let first = rows(&conn, "SELECT current_schema()::text AS s").await;
+        assert_eq!(
+            s(&first[0], "s"),
+            "app_first",
+            "the search path took effect"
+        );
+        build(conn)
+            .await
+            .expect("tables found through the search path");
+    }
 }
 
 backend_tests!(

@@ -18,9 +18,11 @@ pub(crate) const REQUIRED_MIGRATION: &str = "m20261124_000003_lean_queue_indexes
 /// with [`OutboxError::SchemaOutdated`] when it still has the first migration's surrogate `id`.
 pub(crate) async fn check(db: &Db) -> Result<()> {
     let sql = match db.dialect {
+        // Resolved through the search path, like every engine statement (not just the first
+        // schema of the path).
         Dialect::Postgres => {
-            "SELECT column_name::text AS name FROM information_schema.columns \
-             WHERE table_schema = current_schema() AND table_name::text = ?"
+            "SELECT attname::text AS name FROM pg_attribute \
+             WHERE attrelid = to_regclass(CAST(? AS text)) AND attnum > 0 AND NOT attisdropped"
         }
         Dialect::MySql => {
             "SELECT CAST(column_name AS CHAR) AS name FROM information_schema.columns \
