@@ -109,10 +109,10 @@ async fn run(conn: &SchemaManagerConnection<'_>, statements: &[&str]) -> Result<
 
 fn table_exists_sql(backend: DbBackend, table: &str) -> String {
     match backend {
-        DbBackend::Postgres => format!(
-            "SELECT 1 AS one FROM information_schema.tables \
-             WHERE table_schema = current_schema() AND table_name = '{table}'"
-        ),
+        // Through the search path, like the `ALTER TABLE`s that follow.
+        DbBackend::Postgres => {
+            format!("SELECT 1 AS one WHERE to_regclass('{table}') IS NOT NULL")
+        }
         DbBackend::MySql => format!(
             "SELECT 1 AS one FROM information_schema.tables \
              WHERE table_schema = DATABASE() AND table_name = '{table}'"
