@@ -304,10 +304,9 @@ impl OutboxBuilder {
                 &uuid::Uuid::new_v4().simple().to_string()[..12]
             )
         });
-        let processed_here = queues
-            .values()
-            .filter(|q| q.handler.is_some())
-            .flat_map(|q| q.partition_ids.iter().map(i64::to_string))
+        let processed_here = crate::queues::processed_partition_ids(&queues)
+            .iter()
+            .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(", ");
         Ok(Outbox {
@@ -450,12 +449,7 @@ impl OutboxHandle {
         }
         // No processor runs any more (ended or aborted): hand every lease over at once.
         let inner = &self.outbox.inner;
-        let leased: Vec<i64> = inner
-            .queues
-            .values()
-            .filter(|q| q.handler.is_some())
-            .flat_map(|q| q.partition_ids.iter().copied())
-            .collect();
+        let leased = crate::queues::processed_partition_ids(&inner.queues);
         if !leased.is_empty()
             && let Err(e) =
                 crate::processor::lease::release_all(&inner.db, &leased, &inner.instance_id).await

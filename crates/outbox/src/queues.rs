@@ -56,6 +56,15 @@ impl QueueInfo {
     }
 }
 
+/// The partitions this instance processes (queues with a handler), in no particular order.
+pub(crate) fn processed_partition_ids(queues: &HashMap<String, Arc<QueueInfo>>) -> Vec<i64> {
+    queues
+        .values()
+        .filter(|q| q.handler.is_some())
+        .flat_map(|q| q.partition_ids.iter().copied())
+        .collect()
+}
+
 async fn existing_partitions(db: &Db, queue: &str) -> Result<Vec<(i64, i32)>> {
     let d = db.dialect;
     let sql = format!(

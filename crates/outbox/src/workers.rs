@@ -66,12 +66,7 @@ pub(crate) fn spawn_all(outbox: &Outbox, cancel: &CancellationToken, tasks: &mut
 /// Every `poll_interval` (or on request, then also waking the sequencer): wake the processors
 /// of this instance's partitions that have sequenced but unprocessed rows.
 async fn reconcile(inner: Arc<Inner>, cancel: CancellationToken) {
-    let ids: Vec<i64> = inner
-        .queues
-        .values()
-        .filter(|q| q.handler.is_some())
-        .flat_map(|q| q.partition_ids.iter().copied())
-        .collect();
+    let ids = crate::queues::processed_partition_ids(&inner.queues);
     let d = inner.db.dialect;
     // Bounded `IN` lists (bind-parameter limits).
     let chunks: Vec<(String, Vec<i64>)> = ids
