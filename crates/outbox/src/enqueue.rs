@@ -4,10 +4,13 @@
 //! PostgreSQL and SQLite return the inserted ids (`RETURNING`), MySQL reads back the rows tagged
 //! with the batch's random token. Ids are assigned in row order, so sorting them pairs id *k*
 //! with message *k*, and a producer's messages keep their order in `incoming`.
+//!
+//! A single message is one statement on PostgreSQL (a CTE) and one call on SQLite (two
+//! statements in one query string, run by one hop to sqlx's worker thread).
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, TransactionTrait, Value};
 
-use crate::backend::{Dialect, mysql, postgres, query_all};
+use crate::backend::{Dialect, mysql, postgres, query_all, sqlite};
 use crate::error::{OutboxError, Result};
 use crate::message::{MessageId, NewMessage, encode_headers};
 
@@ -52,15 +55,15 @@ pub(crate) async fn insert<C: ConnectionTrait>(
     notify: bool,
 ) -> Result<Vec<MessageId>> {
     let now = chrono::Utc::now();
-    if d == Dialect::Postgres && msgs.len() == 1 {
+    if msgs.len() == 1 && d != Dialect::MySql {
         let m = &msgs[0];
         let rows = query_all(
             c,
             d,
-            if notify {
-                postgres::ENQUEUE_ONE_NOTIFY
-            } else {
-                postgres::ENQUEUE_ONE
+            match d {
+                Dialect::Postgres if notify => postgres::ENQUEUE_ONE_NOTIFY,
+                Dialect::Postgres => postgres::ENQUEUE_ONE,
+                _ => sqlite::ENQUEUE_ONE,
             },
             vec![
                 Value::from(m.msg.payload.to_vec()),

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::postgres::PassCandidates;
 use crate::backend::{
-    Dialect, MAX_IN_LIST, execute, mysql, placeholders, postgres, query_all, update_per_key,
+    Dialect, MAX_IN_LIST, mysql, placeholders, postgres, query_all, sqlite, update_per_key,
 };
 use crate::config::FOREIGN_POLL_MIN;
 use crate::error::{OutboxError, Result};
@@ -290,6 +290,10 @@ async fn pass_group(
         }
         ok
     } else {
+        // SQLite (PostgreSQL returned above): the writes go as one call (see
+        // [`sqlite::execute_joined`]) and together must change exactly their rows: every
+        // outgoing row inserted, one sequence per partition, every incoming row deleted.
+        let mut writes = Vec::new();
         for chunk in outgoing.chunks(1000) {
             let sql = format!(
                 "INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) VALUES {}",
@@ -302,22 +306,21 @@ async fn pass_group(
                 args.push(Value::from(*seq));
                 args.push(now.clone());
             }
-            execute(t, d, &sql, args).await?;
+            writes.push((sql, args));
         }
-        let (sql, args) = update_per_key(
+        writes.push(update_per_key(
             d,
             "modkit_outbox_partitions",
             "id",
             &d.q("sequence"),
             &new_seq,
-        );
-        execute(t, d, &sql, args).await?;
-        let mut deleted = 0;
+        ));
         for chunk in incoming_ids.chunks(MAX_IN_LIST) {
             let sql = d.delete_ids("modkit_outbox_incoming", chunk.len(), "");
-            deleted += execute(t, d, &sql, d.list_args(chunk)).await?;
+            writes.push((sql, d.list_args(chunk)));
         }
-        deleted == incoming_ids.len() as u64
+        let expected = outgoing.len() + new_seq.len() + incoming_ids.len();
+        sqlite::execute_joined(t, writes).await? == expected as u64
     };
     if !all_there {
         w.rollback().await?;

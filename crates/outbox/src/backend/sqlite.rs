@@ -3,7 +3,18 @@
 //! on a lock upgrade. Several processes on one file stay correct (every write transaction is
 //! serialized by SQLite) but gain nothing; run one engine per file.
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
+
+/// One message's enqueue as one call: the body, then its `incoming` row pointing at it
+/// (`last_insert_rowid()` is the body's id on this connection), returning that id. sqlx runs
+/// both statements of the string in one request to its SQLite worker thread, binding the
+/// arguments in order; each request is a thread hand-off, the cost that bounds a producer's
+/// single-message transactions here (three hand-offs, like a plain one-row insert, instead of
+/// four).
+pub(crate) const ENQUEUE_ONE: &str = "INSERT INTO modkit_outbox_body \
+     (payload, payload_type, headers, created_at) VALUES (?, ?, ?, ?); \
+     INSERT INTO modkit_outbox_incoming (partition_id, body_id) \
+     VALUES (?, last_insert_rowid()) RETURNING body_id AS id";
 
 /// Switches the database to WAL (readers never block the writer) unless it is in memory.
 pub(crate) async fn prepare(conn: &DatabaseConnection) -> Result<(), DbErr> {
@@ -21,4 +32,121 @@ pub(crate) async fn prepare(conn: &DatabaseConnection) -> Result<(), DbErr> {
         conn.execute_unprepared("PRAGMA journal_mode = WAL").await?;
     }
     Ok(())
+}
+
+/// Runs several statements as one call: their SQL joined with `;`, their arguments concatenated
+/// (sqlx prepares each statement of the string and binds the `?`s in order across them), so the
+/// whole group costs one hand-off to sqlx's SQLite worker thread instead of one per statement.
+/// Returns the rows changed by all of them together; the first failing statement fails the
+/// call and the ones after it do not run (inside a transaction, roll it back).
+pub(crate) async fn execute_joined<C: ConnectionTrait>(
+    c: &C,
+    stmts: Vec<(String, Vec<Value>)>,
+) -> Result<u64, DbErr> {
+    let mut sql = String::new();
+    let mut args = Vec::with_capacity(stmts.iter().map(|(_, a)| a.len()).sum());
+    for (s, a) in stmts {
+        if !sql.is_empty() {
+            sql.push_str("; ");
+        }
+        sql.push_str(&s);
+        args.extend(a);
+    }
+    Ok(
+        c.execute_raw(Statement::from_sql_and_values(DbBackend::Sqlite, sql, args))
+            .await?
+            .rows_affected(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One in-memory database (sea-orm keeps a `:memory:` pool at one connection).
+    async fn memory() -> DatabaseConnection {
+        let db = sea_orm::Database::connect("sqlite::memory:")
+            .await
+            .expect("in-memory SQLite");
+        db.execute_unprepared("CREATE TABLE t (k INTEGER PRIMARY KEY, v INTEGER NOT NULL)")
+            .await
+            .expect("table");
+        db
+    }
+
+    async fn rows(db: &DatabaseConnection) -> Vec<(i64, i64)> {
+        db.query_all_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT k, v FROM t ORDER BY k",
+        ))
+        .await
+        .expect("read")
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "k").expect("k"),
+                r.try_get("", "v").expect("v"),
+            )
+        })
+        .collect()
+    }
+
+    fn stmt(sql: &str, args: &[i64]) -> (String, Vec<Value>) {
+        (
+            sql.to_owned(),
+            args.iter().map(|a| Value::from(*a)).collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn joined_statements_bind_in_order_and_sum_their_changes() {
+        let db = memory().await;
+        let changed = execute_joined(
+            &db,
+            vec![
+                stmt(
+                    "INSERT INTO t (k, v) VALUES (?, ?), (?, ?)",
+                    &[1, 10, 2, 20],
+                ),
+                stmt("INSERT INTO t (k, v) VALUES (?, ?)", &[3, 30]),
+                stmt("UPDATE t SET v = v + ? WHERE k IN (?, ?)", &[5, 1, 3]),
+                stmt("DELETE FROM t WHERE k = ?", &[2]),
+            ],
+        )
+        .await
+        .expect("joined");
+        assert_eq!(changed, 2 + 1 + 2 + 1);
+        assert_eq!(rows(&db).await, vec![(1, 15), (3, 35)]);
+    }
+
+    #[tokio::test]
+    async fn a_failing_statement_stops_the_ones_after_it() {
+        let db = memory().await;
+        // Outside a transaction each statement commits on its own: the first stays, the
+        // duplicate fails the call, the third never runs.
+        let e = execute_joined(
+            &db,
+            vec![
+                stmt("INSERT INTO t (k, v) VALUES (?, ?)", &[1, 10]),
+                stmt("INSERT INTO t (k, v) VALUES (?, ?)", &[1, 11]),
+                stmt("INSERT INTO t (k, v) VALUES (?, ?)", &[2, 20]),
+            ],
+        )
+        .await;
+        assert!(e.is_err(), "duplicate key must fail the call: {e:?}");
+        assert_eq!(rows(&db).await, vec![(1, 10)]);
+        // Inside a transaction, the rollback takes the first one back too.
+        let txn = sea_orm::TransactionTrait::begin(&db).await.expect("begin");
+        let e = execute_joined(
+            &txn,
+            vec![
+                stmt("INSERT INTO t (k, v) VALUES (?, ?)", &[3, 30]),
+                stmt("INSERT INTO t (k, v) VALUES (?, ?)", &[1, 12]),
+            ],
+        )
+        .await;
+        assert!(e.is_err(), "duplicate key must fail the call: {e:?}");
+        txn.rollback().await.expect("rollback");
+        assert_eq!(rows(&db).await, vec![(1, 10)]);
+    }
 }
