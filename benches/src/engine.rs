@@ -1,7 +1,7 @@
 //! One engine run: fresh schema, `instances` engines (own pool each), producers enqueueing in
 //! real transactions, a recording handler, then the figures and the correctness checks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::db::{Target, connect, pool_size};
 use crate::stats::{Latency, latency, peak_rss_mib};
+use crate::verify::{Delivery, verify};
 use crate::{Args, Mode, ProducersIn};
 
 #[derive(Debug, Clone, Serialize)]
@@ -30,25 +31,19 @@ pub struct EngineRun {
     pub duplicates: usize,
 }
 
-/// One delivery as the handler saw it.
-struct Delivery {
-    id: i64,
-    partition: u32,
-    seq: i64,
-    producer: u32,
-    k: u32,
-    at: Instant,
-}
-
+/// The handler's record: every delivery, and the distinct messages seen (a redelivered message
+/// must not count towards the end of the run).
 #[derive(Clone, Default)]
-struct Log(Arc<Mutex<Vec<Delivery>>>);
+struct Log(Arc<Mutex<(Vec<Delivery>, HashSet<i64>)>>);
 
 impl Log {
     fn record(&self, msgs: &[Message]) {
         let now = Instant::now();
-        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (v, distinct) = &mut *g;
         for m in msgs {
             let (producer, k) = parse(&m.payload);
+            distinct.insert(m.id);
             v.push(Delivery {
                 id: m.id,
                 partition: m.partition,
@@ -59,8 +54,9 @@ impl Log {
             });
         }
     }
+    /// Distinct messages delivered so far.
     fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).1.len()
     }
 }
 
@@ -197,7 +193,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let deliveries = std::mem::take(&mut *log.0.lock().unwrap_or_else(|e| e.into_inner()));
+    let deliveries = std::mem::take(&mut log.0.lock().unwrap_or_else(|e| e.into_inner()).0);
     let last = deliveries.iter().map(|d| d.at).max().unwrap_or(start);
     let e2e_secs = (last - start).as_secs_f64();
 
@@ -220,63 +216,21 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
 
     // Correctness.
     let commits = commits.lock().unwrap_or_else(|e| e.into_inner());
-    let mut lat = Vec::with_capacity(total);
-    let mut first_seen: HashMap<i64, ()> = HashMap::with_capacity(total);
-    let mut duplicates = 0;
-    let mut next_seq: HashMap<(u32, u32), i64> = HashMap::new();
-    let mut last_k: HashMap<(u32, u32, u32), u32> = HashMap::new();
-    let mut problems = Vec::new();
-    let mut ordered = deliveries;
-    ordered.sort_by_key(|d| d.at);
-    for d in &ordered {
-        if first_seen.insert(d.id, ()).is_some() {
-            duplicates += 1;
-            continue;
-        }
-        if let Some(c) = commits.get(&d.id) {
-            lat.push(d.at.saturating_duration_since(*c).as_secs_f64() * 1000.0);
-        }
-        let queue = (d.producer + d.k) % args.queues;
-        let expect = next_seq.entry((queue, d.partition)).or_insert(1);
-        if d.seq != *expect && problems.len() < 10 {
-            problems.push(format!(
-                "queue {queue} partition {}: seq {} where {} was due",
-                d.partition, d.seq, expect
-            ));
-        }
-        *expect = d.seq + 1;
-        if let Some(prev) = last_k.insert((d.producer, queue, d.partition), d.k)
-            && prev >= d.k
-            && problems.len() < 10
-        {
-            problems.push(format!(
-                "producer {} partition {}: message {} after {prev}",
-                d.producer, d.partition, d.k
-            ));
-        }
-    }
-    if first_seen.len() != total {
-        problems.push(format!(
-            "{} distinct messages delivered, {total} enqueued",
-            first_seen.len()
-        ));
-    }
-    if duplicates > 0 && args.mode == Mode::Transactional {
-        problems.push(format!(
-            "{duplicates} duplicate deliveries in transactional mode"
-        ));
-    }
-    if !problems.is_empty() {
-        return Err(format!("CORRECTNESS VIOLATION: {}", problems.join("; ")).into());
-    }
+    let checked = verify(
+        deliveries,
+        &commits,
+        total,
+        args.queues,
+        args.mode == Mode::Transactional,
+    )?;
     Ok(EngineRun {
         enqueue_msg_per_s: total as f64 / enqueue_secs,
         end_to_end_msg_per_s: total as f64 / e2e_secs,
-        latency_ms: latency(lat),
+        latency_ms: latency(checked.latencies_ms),
         vacuum_s,
         peak_rss_mib: peak_rss_mib(),
         delivered: total,
-        duplicates,
+        duplicates: checked.duplicates,
     })
 }
 

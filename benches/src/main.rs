@@ -9,8 +9,8 @@
 //!
 //! Every run migrates a fresh schema, measures the floor (plain-SQL inserts and deletes of the
 //! same rows) and then the engine, verifies the deliveries (gapless seqs per partition, each
-//! message once, a producer's messages in order), and prints one JSON line. A violation exits
-//! with status 2. With `--runs N` a final JSON line holds the medians. `--enqueue-only` also
+//! message once, a producer's messages in order; `verify.rs`, with unit tests that break each
+//! check), and prints one JSON line. A violation exits with status 2. With `--runs N` a final JSON line holds the medians. `--enqueue-only` also
 //! times the producers alone (a producer-only outbox, no engine running) and reports that rate
 //! beside the floor, to tell what the enqueue transactions cost from what the running pipeline
 //! takes from them.
@@ -20,6 +20,7 @@ mod db;
 mod engine;
 mod floor;
 mod stats;
+mod verify;
 
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
