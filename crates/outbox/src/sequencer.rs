@@ -62,8 +62,8 @@ const RECHECK_MAX: Duration = Duration::from_millis(25);
 /// latency at 500 msg/s (p50 1.4 → 3.1 ms), hence [`LINGER_FROM`].
 /// (Tokio's timer has a 1 ms tick, so a sleep ends on the next tick at the earliest.)
 const LINGER: Duration = Duration::from_millis(3);
-/// PostgreSQL lingers only after a pass that moved at least this many rows: commits arrive
-/// faster than passes. Below it (a pass finds one to three rows: the load leaves the sequencer
+/// PostgreSQL and SQLite linger only after a pass that moved at least this many rows: commits
+/// arrive faster than passes. Below it (a pass finds one to three rows: the load leaves the sequencer
 /// idle between commits) it only yields, and each commit is moved as soon as it arrives.
 const LINGER_FROM: usize = 4;
 /// The linger on MySQL: none. The sequencer only yields, so the processors that took the
@@ -73,9 +73,18 @@ const LINGER_FROM: usize = 4;
 /// with a sleep to the next timer tick, at 1.5–7 % fewer messages per second. (Before, with
 /// the probe in every pass: 6.4 ms without, 6.1 ms with the tick.)
 const LINGER_MYSQL: Duration = Duration::ZERO;
-/// The linger on SQLite, where each pass holds the one writer (and often the connection the
-/// producers share): fewer, fuller passes there measured better than 1 ms.
-const LINGER_SQLITE: Duration = Duration::from_millis(2);
+/// The linger on SQLite, where each pass holds the one writer and the connection the
+/// producers share: after a pass of at least [`LINGER_FROM`] rows (below that the load leaves
+/// the sequencer idle between commits, and each commit moves as it arrives). Each pass costs
+/// four calls to sqlx's worker thread and a coalesced ack a fifth, against a producer's three
+/// per message, so at B=1 the pass count is what the pipeline takes from the producers. Once
+/// a pass's writes were one call, paired B=1 runs with the floor (SQLite p50 target 10 ms):
+/// 2 ms after every small pass 0.73–0.79 × floor at p50 2.1–2.6 ms; from 4 rows, 8 ms
+/// 0.85–0.99 (median of 9: 0.87) at 5.2–5.6 ms, 10 ms 0.89–0.92 at 6.4 ms, 12 ms 0.83–0.95
+/// (median of 6: 0.915) at 7.4 ms. Transactional B=1: 0.74 → 0.84 × at p50 3.6 → 7.9 ms. At a
+/// steady 200 msg/s (passes of one row, no linger) p50 unchanged (1.1–1.9 ms); B=100 passes
+/// move more than [`LINGER_BELOW`] rows and never linger.
+const LINGER_SQLITE: Duration = Duration::from_millis(10);
 const LINGER_BELOW: usize = 64;
 /// PostgreSQL: after a pass that moved nothing and left rows to their lease holders in other
 /// instances (woken with a `q:` notification), the next pass waits this long whatever local
@@ -639,7 +648,7 @@ async fn pass_group_postgres(inner: &Inner, ids: &[i64], hand: bool) -> Result<P
 pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: SequencerAlive) {
     // (linger, smallest pass that lingers)
     let (linger, linger_from) = match inner.db.dialect {
-        Dialect::Sqlite => (LINGER_SQLITE, 0),
+        Dialect::Sqlite => (LINGER_SQLITE, LINGER_FROM),
         Dialect::MySql => (LINGER_MYSQL, 0),
         Dialect::Postgres => (LINGER, LINGER_FROM),
     };
