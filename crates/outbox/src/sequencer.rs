@@ -299,8 +299,8 @@ async fn pass_group(
         }
         ok
     } else {
-        // SQLite (PostgreSQL returned above): the writes go as one call (see
-        // [`sqlite::execute_joined`]) and together must change exactly their rows: every
+        // SQLite (PostgreSQL returned above): the writes go as one call at a trickle (see
+        // [`sqlite::execute_joined`]; a backlog's in calls of a few statements) and together must change exactly their rows: every
         // outgoing row inserted, one sequence per partition, every incoming row deleted.
         let mut writes = Vec::new();
         for chunk in outgoing.chunks(1000) {

@@ -34,29 +34,40 @@ pub(crate) async fn prepare(conn: &DatabaseConnection) -> Result<(), DbErr> {
     Ok(())
 }
 
-/// Runs several statements as one call: their SQL joined with `;`, their arguments concatenated
-/// (sqlx prepares each statement of the string and binds the `?`s in order across them), so the
-/// whole group costs one hand-off to sqlx's SQLite worker thread instead of one per statement.
-/// Returns the rows changed by all of them together; the first failing statement fails the
-/// call and the ones after it do not run (inside a transaction, roll it back).
+/// Statements [`execute_joined`] sends per call. sqlx caches each distinct query string with
+/// a prepared statement for every statement in it, so a pass that moved a backlog (dozens of
+/// 1000-row inserts and 500-id deletes) would otherwise cache one string per row count holding
+/// all of them; four covers a trickle pass (insert, sequence update, one or two deletes).
+pub(crate) const JOINED_MAX: usize = 4;
+
+/// Runs statements with up to [`JOINED_MAX`] of them per call: their SQL joined with `;`, their
+/// arguments concatenated (sqlx prepares each statement of the string and binds the `?`s in
+/// order across them), so a group costs one hand-off to sqlx's SQLite worker thread instead of
+/// one per statement. Returns the rows changed by all of them together; the first failing
+/// statement fails the call and the ones after it do not run (inside a transaction, roll it
+/// back).
 pub(crate) async fn execute_joined<C: ConnectionTrait>(
     c: &C,
     stmts: Vec<(String, Vec<Value>)>,
 ) -> Result<u64, DbErr> {
-    let mut sql = String::new();
-    let mut args = Vec::with_capacity(stmts.iter().map(|(_, a)| a.len()).sum());
-    for (s, a) in stmts {
-        if !sql.is_empty() {
-            sql.push_str("; ");
+    let mut changed = 0;
+    let mut stmts = stmts.into_iter().peekable();
+    while stmts.peek().is_some() {
+        let mut sql = String::new();
+        let mut args = Vec::new();
+        for (s, a) in stmts.by_ref().take(JOINED_MAX) {
+            if !sql.is_empty() {
+                sql.push_str("; ");
+            }
+            sql.push_str(&s);
+            args.extend(a);
         }
-        sql.push_str(&s);
-        args.extend(a);
-    }
-    Ok(
-        c.execute_raw(Statement::from_sql_and_values(DbBackend::Sqlite, sql, args))
+        changed += c
+            .execute_raw(Statement::from_sql_and_values(DbBackend::Sqlite, sql, args))
             .await?
-            .rows_affected(),
-    )
+            .rows_affected();
+    }
+    Ok(changed)
 }
 
 #[cfg(test)]
@@ -117,6 +128,21 @@ mod tests {
         .expect("joined");
         assert_eq!(changed, 2 + 1 + 2 + 1);
         assert_eq!(rows(&db).await, vec![(1, 15), (3, 35)]);
+    }
+
+    #[tokio::test]
+    async fn more_statements_than_one_call_takes_all_run_in_order() {
+        let db = memory().await;
+        let n = 3 * JOINED_MAX as i64 + 1;
+        let mut stmts: Vec<_> = (1..=n)
+            .map(|k| stmt("INSERT INTO t (k, v) VALUES (?, ?)", &[k, k * 10]))
+            .collect();
+        // The last statement sees every row before it, whichever call they went in.
+        stmts.push(stmt("UPDATE t SET v = v + 1 WHERE k <= ?", &[n]));
+        let changed = execute_joined(&db, stmts).await.expect("joined");
+        assert_eq!(changed, 2 * n as u64);
+        let want: Vec<(i64, i64)> = (1..=n).map(|k| (k, k * 10 + 1)).collect();
+        assert_eq!(rows(&db).await, want);
     }
 
     #[tokio::test]
