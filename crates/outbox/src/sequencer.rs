@@ -334,7 +334,7 @@ async fn pass_group(
     if !all_there {
         w.rollback().await?;
         return Err(OutboxError::Db(sea_orm::DbErr::Custom(format!(
-            "sequencer: {} incoming rows read but the writes did not affect them all; pass rolled back",
+            "sequencer: {} incoming rows read but the writes did not change exactly their rows; pass rolled back",
             incoming_ids.len()
         ))));
     }
@@ -642,6 +642,24 @@ async fn pass_group_postgres(inner: &Inner, ids: &[i64], hand: bool) -> Result<P
     })
 }
 
+/// How long the sequencer waits after a pass that moved `moved` rows (fewer than
+/// [`LINGER_BELOW`]): `linger` from `linger_from` rows on, nothing below (the load leaves the
+/// sequencer idle between commits), and nothing after a pass that moved `sequencer_batch` rows
+/// or more: it may have stopped at its read limit with more rows waiting, and with a small
+/// configured batch a backlog would otherwise be moved one linger at a time.
+fn linger_after(
+    moved: usize,
+    linger: Duration,
+    linger_from: usize,
+    sequencer_batch: usize,
+) -> Duration {
+    if moved < linger_from || moved >= sequencer_batch {
+        Duration::ZERO
+    } else {
+        linger
+    }
+}
+
 /// The sequencer task: runs passes while there is work, sleeps on signals otherwise. `_alive`
 /// tells this process's producers that a local sequencer listens, until the task ends (or is
 /// aborted: the future, and with it the guard, is dropped).
@@ -687,11 +705,12 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
                     if small {
                         // A trickle: let a few more commits arrive so the next pass moves them
                         // together (a pass costs the same for 1 row or 100). Bounded, tiny.
-                        let linger = if r.moved < linger_from {
-                            Duration::ZERO
-                        } else {
-                            linger
-                        };
+                        let linger = linger_after(
+                            r.moved,
+                            linger,
+                            linger_from,
+                            inner.config.sequencer_batch,
+                        );
                         if linger.is_zero() {
                             tokio::task::yield_now().await;
                         } else {
@@ -796,7 +815,7 @@ impl Poll {
 mod tests {
     use std::time::Duration;
 
-    use super::{FOREIGN_POLL_MIN, Poll, probe_window};
+    use super::{FOREIGN_POLL_MIN, Poll, linger_after, probe_window};
 
     #[test]
     fn looks_speed_up_after_finding_rows_and_slow_down_when_idle() {
@@ -846,5 +865,19 @@ mod tests {
         // A cursor past the last id starts over; one between ids starts at the next one.
         assert_eq!(probe_window(&ids, 1000, 4).0, vec![10, 20, 30, 40]);
         assert_eq!(probe_window(&ids, 55, 4).0, vec![60, 70, 80, 90]);
+    }
+
+    #[test]
+    fn a_pass_lingers_only_between_linger_from_and_its_batch() {
+        let l = Duration::from_millis(10);
+        // Below linger_from: the load leaves the sequencer idle between commits.
+        assert_eq!(linger_after(3, l, 4, 1000), Duration::ZERO);
+        assert_eq!(linger_after(4, l, 4, 1000), l);
+        assert_eq!(linger_after(63, l, 4, 1000), l);
+        // A pass that moved a whole (small) batch may have more rows waiting: no linger, or a
+        // backlog would move one batch per linger.
+        assert_eq!(linger_after(32, l, 4, 32), Duration::ZERO);
+        assert_eq!(linger_after(31, l, 4, 32), l);
+        assert_eq!(linger_after(1, l, 0, 1), Duration::ZERO);
     }
 }

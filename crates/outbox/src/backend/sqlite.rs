@@ -62,6 +62,12 @@ pub(crate) async fn execute_joined<C: ConnectionTrait>(
             sql.push_str(&s);
             args.extend(a);
         }
+        // sqlx does not count arguments: a missing one binds NULL, a surplus one is ignored.
+        debug_assert_eq!(
+            sql.matches('?').count(),
+            args.len(),
+            "placeholders and arguments of a joined call"
+        );
         changed += c
             .execute_raw(Statement::from_sql_and_values(DbBackend::Sqlite, sql, args))
             .await?
