@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::db::{Target, connect, pool_size};
 use crate::stats::{Latency, latency, peak_rss_mib};
-use crate::verify::{Delivery, verify};
+use crate::verify::{Delivery, Layout, verify};
 use crate::{Args, Mode, ProducersIn};
 
 #[derive(Debug, Clone, Serialize)]
@@ -46,6 +46,11 @@ impl Log {
             distinct.insert(m.id);
             v.push(Delivery {
                 id: m.id,
+                queue: m
+                    .queue
+                    .strip_prefix("bench")
+                    .and_then(|q| q.parse().ok())
+                    .unwrap_or(u32::MAX),
                 partition: m.partition,
                 seq: m.seq,
                 producer,
@@ -220,7 +225,10 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
         deliveries,
         &commits,
         total,
-        args.queues,
+        Layout {
+            queues: args.queues,
+            partitions: args.partitions,
+        },
         args.mode == Mode::Transactional,
     )?;
     Ok(EngineRun {

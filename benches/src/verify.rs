@@ -3,7 +3,9 @@
 //!
 //! Checked, from the handler's own record of what it saw:
 //! * per queue and partition, the seqs arrive as 1, 2, 3 … (no gap, none twice);
-//! * every enqueued message arrives (at least once; exactly once in transactional mode);
+//! * every enqueued message arrives (at least once; exactly once in transactional mode), and
+//!   nothing else does (an id no producer committed);
+//! * each message arrives on the queue and partition its producer addressed;
 //! * one producer's messages to one partition arrive in the order it enqueued them.
 
 use std::collections::{HashMap, HashSet};
@@ -13,6 +15,8 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub id: i64,
+    /// Queue index (`bench<q>`) the handler saw the message on.
+    pub queue: u32,
     pub partition: u32,
     pub seq: i64,
     /// Producer index and the producer's message number, parsed from the payload.
@@ -33,14 +37,29 @@ pub struct Verified {
 /// At most this many problems are listed (the count of missing messages is always added).
 const MAX_LISTED: usize = 10;
 
-/// Checks `deliveries` (in the order they happened) against `total` enqueued messages spread
-/// over `queues` the way the harness's producers spread them (message `k` of producer `p` to
-/// queue `(p + k) % queues`). `exactly_once`: a repeated delivery is a violation too.
+/// Where the harness's producers send their messages: message `k` of producer `p` goes to
+/// queue `(p + k) % queues`, partition `(p + k) % partitions`.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub queues: u32,
+    pub partitions: u32,
+}
+
+impl Layout {
+    fn of(&self, producer: u32, k: u32) -> (u32, u32) {
+        let n = producer.wrapping_add(k);
+        (n % self.queues.max(1), n % self.partitions.max(1))
+    }
+}
+
+/// Checks `deliveries` (in the order they happened) against `total` messages the producers
+/// committed (`commits`: id → commit instant) as `layout` spreads them. `exactly_once`: a
+/// repeated delivery is a violation too.
 pub fn verify(
     mut deliveries: Vec<Delivery>,
     commits: &HashMap<i64, Instant>,
     total: usize,
-    queues: u32,
+    layout: Layout,
     exactly_once: bool,
 ) -> Result<Verified, String> {
     // Stable: a batch's messages share an instant and keep their order.
@@ -56,10 +75,20 @@ pub fn verify(
             duplicates += 1;
             continue;
         }
-        if let Some(c) = commits.get(&d.id) {
-            latencies_ms.push(d.at.saturating_duration_since(*c).as_secs_f64() * 1000.0);
+        match commits.get(&d.id) {
+            Some(c) => latencies_ms.push(d.at.saturating_duration_since(*c).as_secs_f64() * 1000.0),
+            None if problems.len() < MAX_LISTED => {
+                problems.push(format!("message {} delivered but never committed", d.id));
+            }
+            None => {}
         }
-        let queue = (d.producer.wrapping_add(d.k)) % queues.max(1);
+        let (queue, partition) = layout.of(d.producer, d.k);
+        if (d.queue, d.partition) != (queue, partition) && problems.len() < MAX_LISTED {
+            problems.push(format!(
+                "producer {} message {}: delivered on queue {} partition {}, sent to {queue} / {partition}",
+                d.producer, d.k, d.queue, d.partition
+            ));
+        }
         let expect = next_seq.entry((queue, d.partition)).or_insert(1);
         if d.seq != *expect && problems.len() < MAX_LISTED {
             problems.push(format!(
@@ -105,6 +134,11 @@ mod tests {
 
     use super::*;
 
+    const LAYOUT: Layout = Layout {
+        queues: 1,
+        partitions: 3,
+    };
+
     /// A clean run: 2 producers × 6 messages, 1 queue, 3 partitions; message `k` of producer
     /// `p` goes to partition `(p + k) % 3`, seqs numbered per partition in delivery order.
     fn clean() -> (Vec<Delivery>, HashMap<i64, Instant>) {
@@ -120,6 +154,7 @@ mod tests {
                 commits.insert(id, t0);
                 out.push(Delivery {
                     id,
+                    queue: 0,
                     partition,
                     seq: seq[partition as usize],
                     producer: p,
@@ -134,7 +169,7 @@ mod tests {
     #[test]
     fn a_clean_run_passes_with_a_latency_per_message() {
         let (d, c) = clean();
-        let v = verify(d, &c, 12, 1, true).expect("clean");
+        let v = verify(d, &c, 12, LAYOUT, true).expect("clean");
         assert_eq!(v.duplicates, 0);
         assert_eq!(v.latencies_ms.len(), 12);
         assert!(v.latencies_ms.iter().all(|l| *l >= 1.0));
@@ -149,7 +184,7 @@ mod tests {
             .position(|x| x.partition == 0 && x.seq == 2)
             .expect("row");
         d[i].seq = 3;
-        let e = verify(d, &c, 12, 1, false).expect_err("gap");
+        let e = verify(d, &c, 12, LAYOUT, false).expect_err("gap");
         assert!(e.starts_with("CORRECTNESS VIOLATION"), "{e}");
         assert!(e.contains("partition 0: seq 3 where 2 was due"), "{e}");
     }
@@ -158,7 +193,7 @@ mod tests {
     fn a_missing_message_is_a_violation() {
         let (mut d, c) = clean();
         d.pop();
-        let e = verify(d, &c, 12, 1, false).expect_err("missing");
+        let e = verify(d, &c, 12, LAYOUT, false).expect_err("missing");
         assert!(
             e.contains("11 distinct messages delivered, 12 enqueued"),
             "{e}"
@@ -171,17 +206,17 @@ mod tests {
         let mut again = d[3].clone();
         again.at += Duration::from_secs(1);
         d.push(again);
-        let v = verify(d.clone(), &c, 12, 1, false).expect("leased: at least once");
+        let v = verify(d.clone(), &c, 12, LAYOUT, false).expect("leased: at least once");
         assert_eq!(v.duplicates, 1);
-        let e = verify(d, &c, 12, 1, true).expect_err("transactional");
+        let e = verify(d, &c, 12, LAYOUT, true).expect_err("transactional");
         assert!(e.contains("1 duplicate deliveries"), "{e}");
     }
 
     #[test]
     fn a_producer_out_of_order_is_a_violation() {
         let (mut d, c) = clean();
-        // Producer 0's messages 0 and 3 both go to partition 0: swap what they carry, so the
-        // seqs still run 1, 2 but the producer's order is reversed.
+        // Producer 0's messages 0 and 3 both go to partition 0 (seqs 1 and 3): swap what they
+        // carry, so the partition's seqs stay gapless but the producer's order is reversed.
         let a = d
             .iter()
             .position(|x| x.producer == 0 && x.k == 0)
@@ -195,10 +230,42 @@ mod tests {
         d[a].id = d[b].id;
         d[b].k = ka;
         d[b].id = ida;
-        let e = verify(d, &c, 12, 1, false).expect_err("order");
+        let e = verify(d, &c, 12, LAYOUT, false).expect_err("order");
         assert!(
             e.contains("producer 0 partition 0: message 0 after 3"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_unknown_id_cannot_stand_in_for_a_missing_message() {
+        let (mut d, c) = clean();
+        let i = d.len() - 1;
+        d[i].id = 999_999;
+        let e = verify(d, &c, 12, LAYOUT, false).expect_err("unknown id");
+        assert!(
+            e.contains("message 999999 delivered but never committed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_message_on_the_wrong_partition_or_queue_is_a_violation() {
+        let (mut d, c) = clean();
+        // Producer 1's message 0 belongs to partition 1.
+        let i = d
+            .iter()
+            .position(|x| x.producer == 1 && x.k == 0)
+            .expect("row");
+        d[i].partition = 2;
+        let e = verify(d, &c, 12, LAYOUT, false).expect_err("partition");
+        assert!(
+            e.contains("producer 1 message 0: delivered on queue 0 partition 2, sent to 0 / 1"),
+            "{e}"
+        );
+        let (mut d, c) = clean();
+        d[0].queue = 1;
+        let e = verify(d, &c, 12, LAYOUT, false).expect_err("queue");
+        assert!(e.contains("delivered on queue 1 partition"), "{e}");
     }
 }
