@@ -225,10 +225,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
         deliveries,
         &commits,
         total,
-        Layout {
-            queues: args.queues,
-            partitions: args.partitions,
-        },
+        Layout::of_args(args),
         args.mode == Mode::Transactional,
     )?;
     Ok(EngineRun {
@@ -255,12 +252,8 @@ async fn produce(
     for p in 0..args.producers as u32 {
         let outbox = outboxes[p as usize % outboxes.len()].clone();
         let (conn, commits) = (producers.clone(), commits.clone());
-        let (batch, parts, queues, size) = (
-            args.batch as u32,
-            args.partitions,
-            args.queues,
-            args.payload_bytes,
-        );
+        let (batch, size) = (args.batch as u32, args.payload_bytes);
+        let layout = Layout::of_args(args);
         // Each producer commits one transaction of `batch` per period, the producers evenly
         // staggered over it (not a burst of all of them at once).
         let mut pace = (args.rate > 0).then(|| {
@@ -281,9 +274,10 @@ async fn produce(
                 let n = batch.min(per - k);
                 let msgs: Vec<NewMessage> = (k..k + n)
                     .map(|i| {
+                        let (queue, partition) = layout.of(p, i);
                         NewMessage::new(
-                            format!("bench{}", (p + i) % queues),
-                            (p + i) % parts,
+                            format!("bench{queue}"),
+                            partition,
                             payload(p, i, size),
                             "bench",
                         )

@@ -46,7 +46,17 @@ pub struct Layout {
 }
 
 impl Layout {
-    fn of(&self, producer: u32, k: u32) -> (u32, u32) {
+    /// The run's queues and partitions per queue.
+    pub fn of_args(args: &crate::Args) -> Self {
+        Self {
+            queues: args.queues,
+            partitions: args.partitions,
+        }
+    }
+
+    /// Queue index and partition of message `k` of producer `producer`: the producers send
+    /// there, the checks expect it there.
+    pub fn of(&self, producer: u32, k: u32) -> (u32, u32) {
         let n = producer.wrapping_add(k);
         (n % self.queues.max(1), n % self.partitions.max(1))
     }

@@ -3,7 +3,7 @@
 //! on a lock upgrade. Several processes on one file stay correct (every write transaction is
 //! serialized by SQLite) but gain nothing; run one engine per file.
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, Statement, Value};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Value};
 
 /// One message's enqueue as one call: the body, then its `incoming` row pointing at it
 /// (`last_insert_rowid()` is the body's id on this connection), returning that id. sqlx runs
@@ -68,16 +68,15 @@ pub(crate) async fn execute_joined<C: ConnectionTrait>(
             args.len(),
             "placeholders and arguments of a joined call"
         );
-        changed += c
-            .execute_raw(Statement::from_sql_and_values(DbBackend::Sqlite, sql, args))
-            .await?
-            .rows_affected();
+        changed += super::execute(c, super::Dialect::Sqlite, &sql, args).await?;
     }
     Ok(changed)
 }
 
 #[cfg(test)]
 mod tests {
+    use sea_orm::{DbBackend, Statement};
+
     use super::*;
 
     /// One in-memory database (sea-orm keeps a `:memory:` pool at one connection).
