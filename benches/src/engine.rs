@@ -145,6 +145,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
     let log = Log::default();
     let config = OutboxConfig {
         sequencer_workers: args.sequencer_workers,
+        sequencer_linger: args.linger_ms.map(Duration::from_millis),
         ..OutboxConfig::default()
     };
     let mut handles = Vec::new();

@@ -90,6 +90,10 @@ pub struct Args {
     /// Concurrent sequencer transactions per instance (engine default when absent).
     #[arg(long)]
     pub sequencer_workers: Option<usize>,
+    /// Sequencer linger after a small pass, in milliseconds (`OutboxConfig::sequencer_linger`;
+    /// the backend's default when absent).
+    #[arg(long)]
+    pub linger_ms: Option<u64>,
     /// Runs; the last line then reports medians.
     #[arg(long, default_value_t = 1)]
     pub runs: usize,

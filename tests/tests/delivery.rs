@@ -13,8 +13,8 @@ use common::{
     Recorder, assert_gapless, count, cursors_reach, eventually, fast_config, migrate, scalar,
 };
 use modkit_outbox::{
-    HandlerResult, Message, NewMessage, Outbox, OutboxConfig, Outcome, Partitions, RetryPolicy,
-    TransactionalHandler,
+    HandlerResult, MAX_SEQUENCER_LINGER, Message, NewMessage, Outbox, OutboxConfig, Outcome,
+    Partitions, RetryPolicy, TransactionalHandler,
 };
 use modkit_outbox_tests::{Backend, TestDb, backend_tests};
 use sea_orm::sqlx::postgres::PgListener;
@@ -25,10 +25,45 @@ const PARTITIONS: u32 = 16;
 const PER_PRODUCER: u32 = 2000;
 
 async fn ordering_under_concurrent_producers(db: TestDb) {
-    migrate(&db).await;
+    produce_and_check_order(&db, fast_config(), PER_PRODUCER, |i| {
+        if i % 200 < 100 { 1 } else { 50 }
+    })
+    .await;
+}
+
+/// The longest sequencer linger: single-message commits from concurrent producers (passes of
+/// a few rows, the ones that linger) still arrive once each, gapless and in each producer's
+/// order.
+async fn ordering_with_the_longest_linger(db: TestDb) {
+    let config = OutboxConfig {
+        sequencer_linger: Some(MAX_SEQUENCER_LINGER),
+        ..fast_config()
+    };
+    produce_and_check_order(&db, config, 150, |_| 1).await;
+}
+
+/// No linger at all (a pass after every commit that finds rows): the same checks.
+async fn ordering_without_linger(db: TestDb) {
+    let config = OutboxConfig {
+        sequencer_linger: Some(Duration::ZERO),
+        ..fast_config()
+    };
+    produce_and_check_order(&db, config, 150, |_| 1).await;
+}
+
+/// `PRODUCERS` producers enqueue `per_producer` messages each to `PARTITIONS` partitions, the
+/// `i`-th transaction `txn_size(i)` messages; every message must arrive once, with gapless
+/// seqs, and one producer's messages to one partition in enqueue order.
+async fn produce_and_check_order(
+    db: &TestDb,
+    config: OutboxConfig,
+    per_producer: u32,
+    txn_size: fn(u32) -> u32,
+) {
+    migrate(db).await;
     let rec = Recorder::default();
     let handle = Outbox::builder(db.conn.clone())
-        .config(fast_config())
+        .config(config)
         .queue("events", Partitions::of(PARTITIONS))
         .leased(rec.clone())
         .start()
@@ -40,12 +75,11 @@ async fn ordering_under_concurrent_producers(db: TestDb) {
         let outbox = outbox.clone();
         let conn = db.connect_with_pool(2).await;
         producers.push(tokio::spawn(async move {
-            // Mixed transaction sizes: single messages and batches of 50.
             let mut i = 0;
-            while i < PER_PRODUCER {
+            while i < per_producer {
                 let txn = conn.begin().await.expect("begin");
-                let n = if i % 200 < 100 { 1 } else { 50 };
-                let batch: Vec<NewMessage> = (i..(i + n).min(PER_PRODUCER))
+                let n = txn_size(i);
+                let batch: Vec<NewMessage> = (i..(i + n).min(per_producer))
                     .map(|k| {
                         NewMessage::new(
                             "events",
@@ -64,7 +98,7 @@ async fn ordering_under_concurrent_producers(db: TestDb) {
     for p in producers {
         p.await.expect("producer");
     }
-    let total = (PRODUCERS * PER_PRODUCER) as usize;
+    let total = (PRODUCERS * per_producer) as usize;
     assert!(
         rec.wait_for(total, Duration::from_secs(120)).await,
         "{:?}: delivered {} of {total}",
@@ -1113,6 +1147,8 @@ backend_tests!(
     free_leases_go_to_the_sequencing_instance,
     sequencer_notifies_the_lease_holder_elsewhere,
     ordering_under_concurrent_producers,
+    ordering_with_the_longest_linger,
+    ordering_without_linger,
     transactional_exactly_once,
     transactional_exactly_once_unshared,
     transactional_partitions_share_a_transaction,

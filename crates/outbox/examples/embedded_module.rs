@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use modkit_outbox::{
-    HandlerResult, Message, Outbox, OutboxHandle, Outcome, Partitions, TransactionalHandler,
+    HandlerResult, Message, Outbox, OutboxConfig, OutboxHandle, Outcome, Partitions,
+    TransactionalHandler,
 };
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, Statement, TransactionTrait,
@@ -179,7 +180,15 @@ impl OrdersModule {
         &mut self,
         cancel: CancellationToken,
     ) -> Result<tokio::task::JoinHandle<()>, Box<dyn std::error::Error>> {
+        // Every engine setting has a documented default (`OutboxConfig::default()`). This
+        // module's events feed a projection users read right after placing an order, so it
+        // gives up the sequencer's linger (more passes, each message moved at once) for latency.
+        let config = OutboxConfig {
+            sequencer_linger: Some(Duration::ZERO),
+            ..OutboxConfig::default()
+        };
         let handle = Outbox::builder(self.db.clone())
+            .config(config)
             .queue(QUEUE, Partitions::of(4))
             .transactional(Projection)
             .start()

@@ -51,40 +51,14 @@ use crate::signals::{PENDING_COMMIT_WINDOW, SequencerAlive};
 /// [`RECHECK_MAX`].
 const RECHECK_MIN: Duration = Duration::from_millis(1);
 const RECHECK_MAX: Duration = Duration::from_millis(25);
-/// After a pass that moved at least [`LINGER_FROM`] and fewer than [`LINGER_BELOW`] rows, wait
-/// this long before the next (PostgreSQL): a few more commits arrive and the next pass moves
-/// them together. History: on a slower day, paired B=1 runs gave p50 ~3.2 ms with 1 ms against
-/// ~4.0 ms with 2 ms; no linger at all was worse (more passes, each as slow). On a quieter day a
-/// sweep (0, 1, 3, 6, 12 ms) put the knee at 3 ms; paired runs with the floor (3 each), 3 ms
-/// from 4 rows against 1 ms always: B=1 × floor 0.62/0.65/0.66 → 0.76/0.82/0.92, p50 1.8–2.0 →
-/// 3.0–3.1 ms; at a steady 500 msg/s p50 2.1/2.3 → 1.0/1.1 ms (passes of one row: no linger),
-/// at 1,500 msg/s 2.2/2.3 → 3.7/3.8 ms. A 3 ms linger after every small pass only added
-/// latency at 500 msg/s (p50 1.4 → 3.1 ms), hence [`LINGER_FROM`].
-/// (Tokio's timer has a 1 ms tick, so a sleep ends on the next tick at the earliest.)
-const LINGER: Duration = Duration::from_millis(3);
-/// PostgreSQL and SQLite linger only after a pass that moved at least this many rows: commits
-/// arrive faster than passes. Below it (a pass finds one to three rows: the load leaves the sequencer
-/// idle between commits) it only yields, and each commit is moved as soon as it arrives.
+/// The sequencer lingers (`OutboxConfig::sequencer_linger`, per backend by default) only after
+/// a pass that moved at least this many rows: commits arrive faster than passes. Below it (a
+/// pass finds one to three rows: the load leaves the sequencer idle between commits) it only
+/// yields, and each commit is moved as soon as it arrives. A 3 ms linger after every small
+/// pass only added latency at a steady 500 msg/s on PostgreSQL (p50 1.4 → 3.1 ms).
 const LINGER_FROM: usize = 4;
-/// The linger on MySQL: none. The sequencer only yields, so the processors that took the
-/// pass's hand-offs (and ready producers) run before the next pass starts. Since a pass after
-/// a busy one no longer probes first (`mysql::lock_partitions_with_rows`), paired MariaDB B=1
-/// runs (9 each, two sessions) measured p50 4.8–5.1 ms without a linger against 5.3–5.7 ms
-/// with a sleep to the next timer tick, at 1.5–7 % fewer messages per second. (Before, with
-/// the probe in every pass: 6.4 ms without, 6.1 ms with the tick.)
-const LINGER_MYSQL: Duration = Duration::ZERO;
-/// The linger on SQLite, where each pass holds the one writer and the connection the
-/// producers share: after a pass of at least [`LINGER_FROM`] rows (below that the load leaves
-/// the sequencer idle between commits, and each commit moves as it arrives). Each pass costs
-/// four calls to sqlx's worker thread and a coalesced ack a fifth, against a producer's three
-/// per message, so at B=1 the pass count is what the pipeline takes from the producers. Once
-/// a pass's writes were one call, paired B=1 runs with the floor (SQLite p50 target 10 ms):
-/// 2 ms after every small pass 0.73–0.79 × floor at p50 2.1–2.6 ms; from 4 rows, 8 ms
-/// 0.85–0.99 (median of 9: 0.87) at 5.2–5.6 ms, 10 ms 0.89–0.92 at 6.4 ms, 12 ms 0.83–0.95
-/// (median of 6: 0.915) at 7.4 ms. Transactional B=1: 0.74 → 0.84 × at p50 3.6 → 7.9 ms. At a
-/// steady 200 msg/s (passes of one row, no linger) p50 unchanged (1.1–1.9 ms); B=100 passes
-/// move more than [`LINGER_BELOW`] rows and never linger.
-const LINGER_SQLITE: Duration = Duration::from_millis(10);
+/// The sequencer lingers only after a pass that moved fewer rows than this (a trickle): bigger
+/// passes already carry many commits each.
 const LINGER_BELOW: usize = 64;
 /// PostgreSQL: after a pass that moved nothing and left rows to their lease holders in other
 /// instances (woken with a `q:` notification), the next pass waits this long whatever local
@@ -664,12 +638,7 @@ fn linger_after(
 /// tells this process's producers that a local sequencer listens, until the task ends (or is
 /// aborted: the future, and with it the guard, is dropped).
 pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: SequencerAlive) {
-    // (linger, smallest pass that lingers)
-    let (linger, linger_from) = match inner.db.dialect {
-        Dialect::Sqlite => (LINGER_SQLITE, LINGER_FROM),
-        Dialect::MySql => (LINGER_MYSQL, 0),
-        Dialect::Postgres => (LINGER, LINGER_FROM),
-    };
+    let linger = inner.config.sequencer_linger_for(inner.db.dialect);
     let mut error_backoff = Duration::from_millis(50);
     let mut poll = Poll::new(
         inner.db.dialect != Dialect::Postgres,
@@ -708,7 +677,7 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
                         let linger = linger_after(
                             r.moved,
                             linger,
-                            linger_from,
+                            LINGER_FROM,
                             inner.config.sequencer_batch,
                         );
                         if linger.is_zero() {
