@@ -22,7 +22,7 @@ pub async fn connect(url: &str, max: u32) -> Result<DatabaseConnection, sea_orm:
     o.max_connections(max)
         .min_connections(max)
         .acquire_timeout(Duration::from_secs(60))
-        .sqlx_logging(false);
+        .sqlx_logging(crate::profile::ENABLED.load(std::sync::atomic::Ordering::Relaxed));
     let db = Database::connect(o).await?;
     // Each open transaction holds its own connection: `max` of them at once open every one.
     let txns = futures::future::try_join_all((0..max).map(|_| db.begin())).await?;

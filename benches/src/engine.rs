@@ -1,7 +1,7 @@
 //! One engine run: fresh schema, `instances` engines (own pool each), producers enqueueing in
 //! real transactions, a recording handler, then the figures and the correctness checks.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,8 +13,10 @@ use modkit_outbox::{
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbBackend, Statement, TransactionTrait};
 use sea_orm_migration::MigratorTrait;
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::db::{Target, connect, pool_size};
+use crate::profile;
 use crate::stats::{Latency, latency, peak_rss_mib};
 use crate::verify::{Delivery, Layout, verify};
 use crate::{Args, Mode, ProducersIn};
@@ -29,6 +31,10 @@ pub struct EngineRun {
     pub peak_rss_mib: f64,
     pub delivered: usize,
     pub duplicates: usize,
+    /// `--statement-profile`: SQL calls from the first enqueue to the last delivery, by the
+    /// part of the pipeline that made them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub statements: Option<BTreeMap<String, profile::Group>>,
 }
 
 /// The handler's record: every delivery, and the distinct messages seen (a redelivered message
@@ -188,6 +194,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
     let total = per as usize * args.producers;
     let commits: Arc<Mutex<HashMap<i64, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(total)));
+    profile::reset();
     let start = Instant::now();
     produce(args, &outboxes, &producers, &commits).await?;
     let enqueue_secs = start.elapsed().as_secs_f64();
@@ -199,6 +206,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    let statements = args.statement_profile.then(profile::take);
     let deliveries = std::mem::take(&mut log.0.lock().unwrap_or_else(|e| e.into_inner()).0);
     let last = deliveries.iter().map(|d| d.at).max().unwrap_or(start);
     let e2e_secs = (last - start).as_secs_f64();
@@ -237,6 +245,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<EngineRun, Box<dyn std:
         peak_rss_mib: peak_rss_mib(),
         delivered: total,
         duplicates: checked.duplicates,
+        statements,
     })
 }
 
@@ -266,36 +275,40 @@ async fn produce(
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             i
         });
-        tasks.push(tokio::spawn(async move {
-            let mut k = 0u32;
-            while k < per {
-                if let Some(i) = pace.as_mut() {
-                    i.tick().await;
+        let span = tracing::debug_span!(target: "outbox_bench", "bench.producer", producer = p);
+        tasks.push(tokio::spawn(
+            async move {
+                let mut k = 0u32;
+                while k < per {
+                    if let Some(i) = pace.as_mut() {
+                        i.tick().await;
+                    }
+                    let n = batch.min(per - k);
+                    let msgs: Vec<NewMessage> = (k..k + n)
+                        .map(|i| {
+                            let (queue, partition) = layout.of(p, i);
+                            NewMessage::new(
+                                format!("bench{queue}"),
+                                partition,
+                                payload(p, i, size),
+                                "bench",
+                            )
+                        })
+                        .collect();
+                    let txn = conn.begin().await?;
+                    let ids = outbox.enqueue_batch(&txn, &msgs).await?;
+                    txn.commit().await?;
+                    let now = Instant::now();
+                    let mut c = commits.lock().unwrap_or_else(|e| e.into_inner());
+                    for id in ids {
+                        c.insert(id, now);
+                    }
+                    k += n;
                 }
-                let n = batch.min(per - k);
-                let msgs: Vec<NewMessage> = (k..k + n)
-                    .map(|i| {
-                        let (queue, partition) = layout.of(p, i);
-                        NewMessage::new(
-                            format!("bench{queue}"),
-                            partition,
-                            payload(p, i, size),
-                            "bench",
-                        )
-                    })
-                    .collect();
-                let txn = conn.begin().await?;
-                let ids = outbox.enqueue_batch(&txn, &msgs).await?;
-                txn.commit().await?;
-                let now = Instant::now();
-                let mut c = commits.lock().unwrap_or_else(|e| e.into_inner());
-                for id in ids {
-                    c.insert(id, now);
-                }
-                k += n;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
             }
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-        }));
+            .instrument(span),
+        ));
     }
     for t in tasks {
         t.await?.map_err(|e| e.to_string())?;

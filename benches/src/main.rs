@@ -5,6 +5,7 @@
 //! cargo run --release -p outbox-bench -- --url sqlite --batch 1 --runs 3
 //! just bench --url mysql://root@127.0.0.1:3306/outbox_bench --partitions 64
 //! just bench --url postgres://postgres@127.0.0.1:5432/outbox_bench --batch 1 --enqueue-only
+//! just bench --url mysql://root@127.0.0.1:3306/outbox_bench --batch 1 --no-floor --statement-profile
 //! ```
 //!
 //! Every run migrates a fresh schema, measures the floor (plain-SQL inserts and deletes of the
@@ -13,17 +14,23 @@
 //! check), and prints one JSON line. A violation exits with status 2. With `--runs N` a final JSON line holds the medians. `--enqueue-only` also
 //! times the producers alone (a producer-only outbox, no engine running) and reports that rate
 //! beside the floor, to tell what the enqueue transactions cost from what the running pipeline
-//! takes from them.
+//! takes from them. `--statement-profile` counts and times every SQL call of the engine phase
+//! by the part of the pipeline that made it (`profile.rs`), and `--linger-ms` overrides the
+//! sequencer's linger, for sweeps without a rebuild.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod db;
 mod engine;
 mod floor;
+mod profile;
 mod stats;
 mod verify;
 
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
 
 /// Processing mode of the benchmarked queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -110,6 +117,11 @@ pub struct Args {
     /// Latency at a rate the machine sustains is what a service sees in normal operation.
     #[arg(long, default_value_t = 0)]
     pub rate: u32,
+    /// Count and time every SQL call of the engine phase by the part of the pipeline that made
+    /// it (producers, sequencer, acks, vacuum, …) and report it as `engine.statements`. The
+    /// statement log costs time itself: use it to see where the time goes, not for rates.
+    #[arg(long)]
+    pub statement_profile: bool,
     /// Give up waiting for deliveries after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_s: u64,
@@ -138,11 +150,25 @@ struct Line<'a> {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+    let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        );
+    // The profile needs sqlx's statement events and the spans they happen in, whatever
+    // RUST_LOG prints.
+    let statements = args.statement_profile.then(|| {
+        profile::ENABLED.store(true, std::sync::atomic::Ordering::Relaxed);
+        profile::Layer.with_filter(
+            Targets::new()
+                .with_target("sqlx::query", Level::INFO)
+                .with_target("modkit_outbox", Level::DEBUG)
+                .with_target("outbox_bench", Level::DEBUG),
+        )
+    });
+    tracing_subscriber::registry()
+        .with(log)
+        .with(statements)
         .init();
     if args.producers == 0
         || args.batch == 0
@@ -217,6 +243,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             peak_rss_mib: med(&|e| e.peak_rss_mib),
             delivered: engines[0].delivered,
             duplicates: engines.iter().map(|e| e.duplicates).sum(),
+            // Per run only (each run line has its own).
+            statements: None,
         });
         let alone = (!alones.is_empty()).then(|| stats::median(alones.clone()));
         print_line(&args, &backend, "median", floor, engine, alone);

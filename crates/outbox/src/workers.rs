@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::backend::{Dialect, MAX_IN_LIST, placeholders};
 use crate::handler::QueueHandler;
@@ -14,23 +15,37 @@ use crate::outbox::{Inner, Outbox};
 use crate::processor::Partition;
 use crate::processor::coalesce::LeasedIo;
 
+/// Every task of the pipeline runs in a `debug` span named after it (`outbox.sequencer`,
+/// `outbox.vacuum`, `outbox.reconcile`, `outbox.listen`, the coalescing drivers'
+/// `outbox.leased.read` / `.ack` / `.acquire` and `outbox.shared_txn`; processors open
+/// `outbox.processor` per step), with the instance id, so a subscriber can tell which part of
+/// the engine a statement or a log line came from (the bench's `--statement-profile` does).
 pub(crate) fn spawn_all(outbox: &Outbox, cancel: &CancellationToken, tasks: &mut JoinSet<()>) {
     let inner = outbox.inner.clone();
+    let instance = inner.instance_id.clone();
     let alive = crate::signals::SequencerAlive::new(inner.signals.clone());
-    tasks.spawn(crate::sequencer::run(
-        inner.clone(),
-        cancel.child_token(),
-        alive,
-    ));
-    tasks.spawn(crate::vacuum::run(inner.clone(), cancel.child_token()));
-    tasks.spawn(reconcile(inner.clone(), cancel.child_token()));
+    tasks.spawn(
+        crate::sequencer::run(inner.clone(), cancel.child_token(), alive)
+            .instrument(tracing::debug_span!("outbox.sequencer", %instance)),
+    );
+    tasks.spawn(
+        crate::vacuum::run(inner.clone(), cancel.child_token())
+            .instrument(tracing::debug_span!("outbox.vacuum", %instance)),
+    );
+    tasks.spawn(
+        reconcile(inner.clone(), cancel.child_token())
+            .instrument(tracing::debug_span!("outbox.reconcile", %instance)),
+    );
     if inner.db.dialect == Dialect::Postgres {
-        tasks.spawn(crate::backend::postgres::listen(
-            inner.db.conn.clone(),
-            inner.signals.clone(),
-            inner.instance_id.clone(),
-            cancel.child_token(),
-        ));
+        tasks.spawn(
+            crate::backend::postgres::listen(
+                inner.db.conn.clone(),
+                inner.signals.clone(),
+                inner.instance_id.clone(),
+                cancel.child_token(),
+            )
+            .instrument(tracing::debug_span!("outbox.listen", %instance)),
+        );
     }
     let any_leased = inner
         .queues

@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::{QueryResult, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::backend::{Db, Dialect, MAX_IN_LIST, execute, placeholders, postgres, query_all};
 use crate::outbox::Inner;
@@ -43,33 +44,41 @@ impl<Req, Res> Clone for Coalescer<Req, Res> {
 }
 
 impl<Req: Send + 'static, Res: Send + 'static> Coalescer<Req, Res> {
-    /// Spawns the driver. `run` gets every queued request (at most `limit`) and returns one
-    /// answer per request, in order.
-    pub(crate) fn spawn<F, Fut>(tasks: &mut JoinSet<()>, limit: usize, run: F) -> Self
+    /// Spawns the driver in `span`. `run` gets every queued request (at most `limit`) and
+    /// returns one answer per request, in order.
+    pub(crate) fn spawn<F, Fut>(
+        tasks: &mut JoinSet<()>,
+        limit: usize,
+        span: tracing::Span,
+        run: F,
+    ) -> Self
     where
         F: Fn(Vec<Req>) -> Fut + Send + 'static,
         Fut: Future<Output = Vec<Res>> + Send,
     {
         let (tx, mut rx) = mpsc::unbounded_channel::<Envelope<Req, Res>>();
-        tasks.spawn(async move {
-            while let Some(first) = rx.recv().await {
-                // Partitions woken by the same pass are runnable now: let them queue up.
-                tokio::task::yield_now().await;
-                let mut batch = vec![first];
-                while batch.len() < limit {
-                    match rx.try_recv() {
-                        Ok(e) => batch.push(e),
-                        Err(_) => break,
+        tasks.spawn(
+            async move {
+                while let Some(first) = rx.recv().await {
+                    // Partitions woken by the same pass are runnable now: let them queue up.
+                    tokio::task::yield_now().await;
+                    let mut batch = vec![first];
+                    while batch.len() < limit {
+                        match rx.try_recv() {
+                            Ok(e) => batch.push(e),
+                            Err(_) => break,
+                        }
+                    }
+                    let (reqs, replies): (Vec<Req>, Vec<oneshot::Sender<Res>>) =
+                        batch.into_iter().unzip();
+                    for (reply, res) in replies.into_iter().zip(run(reqs).await) {
+                        // The requester may have been cancelled meanwhile; nothing to do then.
+                        let _ = reply.send(res);
                     }
                 }
-                let (reqs, replies): (Vec<Req>, Vec<oneshot::Sender<Res>>) =
-                    batch.into_iter().unzip();
-                for (reply, res) in replies.into_iter().zip(run(reqs).await) {
-                    // The requester may have been cancelled meanwhile; nothing to do then.
-                    let _ = reply.send(res);
-                }
             }
-        });
+            .instrument(span),
+        );
         Self { tx }
     }
 
@@ -114,17 +123,21 @@ pub(crate) struct LeasedIo {
 impl LeasedIo {
     pub(crate) fn spawn(inner: &Arc<Inner>, tasks: &mut JoinSet<()>) -> Self {
         let i = inner.clone();
-        let reads = Coalescer::spawn(tasks, MAX_IN_LIST, move |reqs| {
+        let instance = &inner.instance_id;
+        let span = tracing::debug_span!("outbox.leased.read", %instance);
+        let reads = Coalescer::spawn(tasks, MAX_IN_LIST, span, move |reqs| {
             let i = i.clone();
             async move { read_many(&i.db, &reqs).await }
         });
         let i = inner.clone();
-        let acks = Coalescer::spawn(tasks, MAX_IN_LIST, move |reqs| {
+        let span = tracing::debug_span!("outbox.leased.ack", %instance);
+        let acks = Coalescer::spawn(tasks, MAX_IN_LIST, span, move |reqs| {
             let i = i.clone();
             async move { ack_many(&i, &reqs).await }
         });
         let i = inner.clone();
-        let acquires = Coalescer::spawn(tasks, MAX_IN_LIST, move |reqs| {
+        let span = tracing::debug_span!("outbox.leased.acquire", %instance);
+        let acquires = Coalescer::spawn(tasks, MAX_IN_LIST, span, move |reqs| {
             let i = i.clone();
             async move { acquire_many(&i, &reqs).await }
         });
