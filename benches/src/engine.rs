@@ -31,8 +31,9 @@ pub struct EngineRun {
     pub peak_rss_mib: f64,
     pub delivered: usize,
     pub duplicates: usize,
-    /// `--statement-profile`: SQL calls from the first enqueue to the last delivery, by the
-    /// part of the pipeline that made them.
+    /// `--statement-profile`: the logged SQL calls from the first enqueue to the last
+    /// delivery, by the part of the pipeline that made them (`profile.rs` says which calls and
+    /// how sharp the window is).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub statements: Option<BTreeMap<String, profile::Group>>,
 }

@@ -29,7 +29,7 @@ mod verify;
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
 use tracing::Level;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::prelude::*;
 
 /// Processing mode of the benchmarked queues.
@@ -117,9 +117,10 @@ pub struct Args {
     /// Latency at a rate the machine sustains is what a service sees in normal operation.
     #[arg(long, default_value_t = 0)]
     pub rate: u32,
-    /// Count and time every SQL call of the engine phase by the part of the pipeline that made
-    /// it (producers, sequencer, acks, vacuum, …) and report it as `engine.statements`. The
-    /// statement log costs time itself: use it to see where the time goes, not for rates.
+    /// Count and time the SQL calls of the engine phase by the part of the pipeline that made
+    /// them (producers, sequencer, acks, vacuum, …) and report them as `engine.statements`.
+    /// sqlx does not log PostgreSQL's `BEGIN` nor SQLite's `BEGIN`/`COMMIT`. The statement log
+    /// costs time itself: use it to see where the time goes, not for rates.
     #[arg(long)]
     pub statement_profile: bool,
     /// Give up waiting for deliveries after this many seconds.
@@ -159,12 +160,15 @@ async fn main() {
     // RUST_LOG prints.
     let statements = args.statement_profile.then(|| {
         profile::ENABLED.store(true, std::sync::atomic::Ordering::Relaxed);
-        profile::Layer.with_filter(
-            Targets::new()
-                .with_target("sqlx::query", Level::INFO)
-                .with_target("modkit_outbox", Level::DEBUG)
-                .with_target("outbox_bench", Level::DEBUG),
-        )
+        // The engine's and the producers' spans, and sqlx's statement events; nothing else
+        // (the engine's debug events would only be dropped).
+        profile::Layer.with_filter(filter_fn(|m| {
+            if m.is_span() {
+                m.target().starts_with("modkit_outbox") || m.target().starts_with("outbox_bench")
+            } else {
+                m.target() == "sqlx::query" && *m.level() <= Level::INFO
+            }
+        }))
     });
     tracing_subscriber::registry()
         .with(log)

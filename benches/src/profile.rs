@@ -1,5 +1,5 @@
-//! `--statement-profile`: every SQL call of the engine phase, counted and timed by the part of
-//! the pipeline that made it.
+//! `--statement-profile`: the SQL calls of the engine phase that sqlx logs, counted and timed by
+//! the part of the pipeline that made them.
 //!
 //! sqlx reports each finished call as a `sqlx::query` event with its client-observed time
 //! (`elapsed_secs`: the round trip, the server's work and any wait for a core). The engine runs
@@ -7,6 +7,13 @@
 //! `outbox.vacuum`, …), and the harness's producers run in `bench.producer`, so the span an
 //! event happened in says who paid for it. Statement logging costs time itself: a profiled run
 //! shows where the time goes, not how fast the engine is.
+//!
+//! Not every call is logged: sqlx 0.9 sends PostgreSQL's `BEGIN` without logging it, and runs
+//! SQLite's `BEGIN` and `COMMIT` on its worker thread unlogged, so counts compare within a
+//! backend, not across backends. The window starts right after the engines started (their
+//! first pass, lease acquisitions and reads may fall in it) and ends within ~2 ms after the
+//! last delivery (the last ack may or may not be in it); calls running at either edge count
+//! when they finish.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

@@ -51,6 +51,78 @@ async fn ordering_without_linger(db: TestDb) {
     produce_and_check_order(&db, config, 150, |_| 1).await;
 }
 
+/// The configured linger is what the sequencer waits after a pass of 4–63 rows: a message
+/// committed right after such a pass stays in `incoming` until the linger
+/// (`MAX_SEQUENCER_LINGER`, 100 ms) is over, where without one the commit's signal moves it
+/// within milliseconds. The look is made half a linger after the last count that still saw the
+/// pass's rows (the pass committed after that count began, so its linger ends at least a whole
+/// linger after it); a look that ends later than a linger after that count proves nothing (a
+/// slow machine) and the round is repeated.
+async fn a_small_pass_lingers_before_the_next(db: TestDb) {
+    migrate(&db).await;
+    let rec = Recorder::default();
+    let handle = Outbox::builder(db.conn.clone())
+        .config(OutboxConfig {
+            sequencer_linger: Some(MAX_SEQUENCER_LINGER),
+            ..fast_config()
+        })
+        .queue("l", Partitions::of(4))
+        .leased(rec.clone())
+        .start()
+        .await
+        .expect("start");
+    let outbox = handle.outbox();
+    let eight: Vec<NewMessage> = (0..8u32)
+        .map(|i| NewMessage::new("l", i % 4, format!("m-{i}"), "e"))
+        .collect();
+    let mut sent = 0;
+    for round in 0..10 {
+        // Eight messages in one transaction: one pass moves them together, and lingers.
+        let txn = db.conn.begin().await.expect("begin");
+        outbox.enqueue_batch(&txn, &eight).await.expect("enqueue");
+        let mut before_pass = tokio::time::Instant::now();
+        txn.commit().await.expect("commit");
+        let deadline = before_pass + Duration::from_secs(10);
+        loop {
+            let t = tokio::time::Instant::now();
+            if count(&db.conn, "modkit_outbox_incoming").await == 0 {
+                break;
+            }
+            before_pass = t;
+            assert!(t < deadline, "{:?}: the rows were never moved", db.backend);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        outbox
+            .enqueue_batch(&db.conn, &[NewMessage::new("l", 0, "late", "e")])
+            .await
+            .expect("enqueue");
+        tokio::time::sleep_until(before_pass + MAX_SEQUENCER_LINGER / 2).await;
+        let waiting = count(&db.conn, "modkit_outbox_incoming").await;
+        let inside_linger = tokio::time::Instant::now() < before_pass + MAX_SEQUENCER_LINGER;
+        sent += 9;
+        assert!(
+            rec.wait_for(sent, Duration::from_secs(10)).await,
+            "{:?}: delivered {} of {sent}",
+            db.backend,
+            rec.len()
+        );
+        if inside_linger {
+            assert_eq!(
+                waiting, 1,
+                "{:?}: the late row was moved before the linger ended",
+                db.backend
+            );
+            handle.stop().await;
+            return;
+        }
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("{:?}: round {round} looked too late; again", db.backend);
+        }
+    }
+    panic!("{:?}: no round looked inside the linger", db.backend);
+}
+
 /// `PRODUCERS` producers enqueue `per_producer` messages each to `PARTITIONS` partitions, the
 /// `i`-th transaction `txn_size(i)` messages; every message must arrive once, with gapless
 /// seqs, and one producer's messages to one partition in enqueue order.
@@ -1149,6 +1221,7 @@ backend_tests!(
     ordering_under_concurrent_producers,
     ordering_with_the_longest_linger,
     ordering_without_linger,
+    a_small_pass_lingers_before_the_next,
     transactional_exactly_once,
     transactional_exactly_once_unshared,
     transactional_partitions_share_a_transaction,

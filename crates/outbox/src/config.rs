@@ -217,7 +217,9 @@ impl OutboxConfig {
             .sequencer_linger
             .is_some_and(|l| l > MAX_SEQUENCER_LINGER)
         {
-            return bad("sequencer_linger must be at most 100 ms");
+            return Err(OutboxError::InvalidConfig(format!(
+                "sequencer_linger must be at most {MAX_SEQUENCER_LINGER:?}"
+            )));
         }
         if self.vacuum_chunk == 0 || self.vacuum_chunk > 10_000 {
             return bad("vacuum_chunk must be 1..=10000");

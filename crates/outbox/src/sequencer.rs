@@ -617,17 +617,12 @@ async fn pass_group_postgres(inner: &Inner, ids: &[i64], hand: bool) -> Result<P
 }
 
 /// How long the sequencer waits after a pass that moved `moved` rows (fewer than
-/// [`LINGER_BELOW`]): `linger` from `linger_from` rows on, nothing below (the load leaves the
+/// [`LINGER_BELOW`]): `linger` from [`LINGER_FROM`] rows on, nothing below (the load leaves the
 /// sequencer idle between commits), and nothing after a pass that moved `sequencer_batch` rows
 /// or more: it may have stopped at its read limit with more rows waiting, and with a small
 /// configured batch a backlog would otherwise be moved one linger at a time.
-fn linger_after(
-    moved: usize,
-    linger: Duration,
-    linger_from: usize,
-    sequencer_batch: usize,
-) -> Duration {
-    if moved < linger_from || moved >= sequencer_batch {
+fn linger_after(moved: usize, linger: Duration, sequencer_batch: usize) -> Duration {
+    if moved < LINGER_FROM || moved >= sequencer_batch {
         Duration::ZERO
     } else {
         linger
@@ -674,12 +669,7 @@ pub(crate) async fn run(inner: Arc<Inner>, cancel: CancellationToken, _alive: Se
                     if small {
                         // A trickle: let a few more commits arrive so the next pass moves them
                         // together (a pass costs the same for 1 row or 100). Bounded, tiny.
-                        let linger = linger_after(
-                            r.moved,
-                            linger,
-                            LINGER_FROM,
-                            inner.config.sequencer_batch,
-                        );
+                        let linger = linger_after(r.moved, linger, inner.config.sequencer_batch);
                         if linger.is_zero() {
                             tokio::task::yield_now().await;
                         } else {
@@ -837,16 +827,16 @@ mod tests {
     }
 
     #[test]
-    fn a_pass_lingers_only_between_linger_from_and_its_batch() {
+    fn a_pass_lingers_only_between_four_rows_and_its_batch() {
         let l = Duration::from_millis(10);
-        // Below linger_from: the load leaves the sequencer idle between commits.
-        assert_eq!(linger_after(3, l, 4, 1000), Duration::ZERO);
-        assert_eq!(linger_after(4, l, 4, 1000), l);
-        assert_eq!(linger_after(63, l, 4, 1000), l);
+        // Below LINGER_FROM (4): the load leaves the sequencer idle between commits.
+        assert_eq!(linger_after(3, l, 1000), Duration::ZERO);
+        assert_eq!(linger_after(4, l, 1000), l);
+        assert_eq!(linger_after(63, l, 1000), l);
         // A pass that moved a whole (small) batch may have more rows waiting: no linger, or a
         // backlog would move one batch per linger.
-        assert_eq!(linger_after(32, l, 4, 32), Duration::ZERO);
-        assert_eq!(linger_after(31, l, 4, 32), l);
-        assert_eq!(linger_after(1, l, 0, 1), Duration::ZERO);
+        assert_eq!(linger_after(32, l, 32), Duration::ZERO);
+        assert_eq!(linger_after(31, l, 32), l);
+        assert_eq!(linger_after(4, l, 4), Duration::ZERO);
     }
 }

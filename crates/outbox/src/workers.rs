@@ -20,21 +20,23 @@ use crate::processor::coalesce::LeasedIo;
 /// `outbox.leased.read` / `.ack` / `.acquire` and `outbox.shared_txn`; processors open
 /// `outbox.processor` per step), with the instance id, so a subscriber can tell which part of
 /// the engine a statement or a log line came from (the bench's `--statement-profile` does).
+/// They are roots (`parent: None`): a task outlives whatever span the caller of `start()` was
+/// in, and must not keep that span open or put the engine's work into its trace.
 pub(crate) fn spawn_all(outbox: &Outbox, cancel: &CancellationToken, tasks: &mut JoinSet<()>) {
     let inner = outbox.inner.clone();
     let instance = inner.instance_id.clone();
     let alive = crate::signals::SequencerAlive::new(inner.signals.clone());
     tasks.spawn(
         crate::sequencer::run(inner.clone(), cancel.child_token(), alive)
-            .instrument(tracing::debug_span!("outbox.sequencer", %instance)),
+            .instrument(tracing::debug_span!(parent: None, "outbox.sequencer", %instance)),
     );
     tasks.spawn(
         crate::vacuum::run(inner.clone(), cancel.child_token())
-            .instrument(tracing::debug_span!("outbox.vacuum", %instance)),
+            .instrument(tracing::debug_span!(parent: None, "outbox.vacuum", %instance)),
     );
     tasks.spawn(
         reconcile(inner.clone(), cancel.child_token())
-            .instrument(tracing::debug_span!("outbox.reconcile", %instance)),
+            .instrument(tracing::debug_span!(parent: None, "outbox.reconcile", %instance)),
     );
     if inner.db.dialect == Dialect::Postgres {
         tasks.spawn(
@@ -44,7 +46,7 @@ pub(crate) fn spawn_all(outbox: &Outbox, cancel: &CancellationToken, tasks: &mut
                 inner.instance_id.clone(),
                 cancel.child_token(),
             )
-            .instrument(tracing::debug_span!("outbox.listen", %instance)),
+            .instrument(tracing::debug_span!(parent: None, "outbox.listen", %instance)),
         );
     }
     let any_leased = inner

@@ -124,19 +124,19 @@ impl LeasedIo {
     pub(crate) fn spawn(inner: &Arc<Inner>, tasks: &mut JoinSet<()>) -> Self {
         let i = inner.clone();
         let instance = &inner.instance_id;
-        let span = tracing::debug_span!("outbox.leased.read", %instance);
+        let span = tracing::debug_span!(parent: None, "outbox.leased.read", %instance);
         let reads = Coalescer::spawn(tasks, MAX_IN_LIST, span, move |reqs| {
             let i = i.clone();
             async move { read_many(&i.db, &reqs).await }
         });
         let i = inner.clone();
-        let span = tracing::debug_span!("outbox.leased.ack", %instance);
+        let span = tracing::debug_span!(parent: None, "outbox.leased.ack", %instance);
         let acks = Coalescer::spawn(tasks, MAX_IN_LIST, span, move |reqs| {
             let i = i.clone();
             async move { ack_many(&i, &reqs).await }
         });
         let i = inner.clone();
-        let span = tracing::debug_span!("outbox.leased.acquire", %instance);
+        let span = tracing::debug_span!(parent: None, "outbox.leased.acquire", %instance);
         let acquires = Coalescer::spawn(tasks, MAX_IN_LIST, span, move |reqs| {
             let i = i.clone();
             async move { acquire_many(&i, &reqs).await }

@@ -505,7 +505,7 @@ impl Partition {
 
     /// The processor task.
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
-        let span = tracing::debug_span!("outbox.processor", queue = %self.queue.name,
+        let span = tracing::debug_span!(parent: None, "outbox.processor", queue = %self.queue.name,
             partition = self.index, instance = %self.inner.instance_id);
         let mut next: Option<Instant> = Some(Instant::now());
         let mut interruptible = true;

@@ -67,7 +67,8 @@ pub(crate) type SharedTxns = Coalescer<TxnReq, Shared<TxnRes>>;
 
 /// Spawns the driver.
 pub(crate) fn spawn(inner: &Arc<Inner>, tasks: &mut JoinSet<()>) -> SharedTxns {
-    let span = tracing::debug_span!("outbox.shared_txn", instance = %inner.instance_id);
+    let span =
+        tracing::debug_span!(parent: None, "outbox.shared_txn", instance = %inner.instance_id);
     let inner = inner.clone();
     Coalescer::spawn(tasks, MAX_SHARED_PARTITIONS, span, move |reqs| {
         let inner = inner.clone();
