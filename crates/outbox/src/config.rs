@@ -139,7 +139,8 @@ pub struct OutboxConfig {
     /// How long the sequencer waits after a pass that moved 4 to 63 rows before it starts the
     /// next, so that the commits arriving meanwhile are moved together: fewer, fuller passes
     /// leave more of the database to the producers, and each message waits up to this much
-    /// longer. Passes of fewer rows (a light load) and of more (a backlog) never wait. `None` =
+    /// longer. Passes of fewer rows (a light load), of more, and of a whole `sequencer_batch`
+    /// (a backlog: more rows may be waiting) never wait. `None` =
     /// the backend's default ([`DEFAULT_SEQUENCER_LINGER_POSTGRES`] 3 ms,
     /// [`DEFAULT_SEQUENCER_LINGER_MYSQL`] none, [`DEFAULT_SEQUENCER_LINGER_SQLITE`] 10 ms); at
     /// most [`MAX_SEQUENCER_LINGER`]. Lower it for latency, raise it for throughput at
