@@ -11,7 +11,8 @@
 //! Every run migrates a fresh schema, measures the floor (plain-SQL inserts and deletes of the
 //! same rows) and then the engine, verifies the deliveries (gapless seqs per partition, each
 //! message once, a producer's messages in order; `verify.rs`, with unit tests that break each
-//! check), and prints one JSON line. A violation exits with status 2. With `--runs N` a final JSON line holds the medians. `--enqueue-only` also
+//! check), and prints one JSON line. A violation exits with status 2. With `--runs N` a final
+//! JSON line holds the medians. `--enqueue-only` also
 //! times the producers alone (a producer-only outbox, no engine running) and reports that rate
 //! beside the floor, to tell what the enqueue transactions cost from what the running pipeline
 //! takes from them. `--statement-profile` counts and times every SQL call of the engine phase

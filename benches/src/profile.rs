@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use serde::Serialize;
 use tracing::field::{Field, Visit};
@@ -93,7 +93,8 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        if event.metadata().target() != "sqlx::query" || !ENABLED.load(Ordering::Relaxed) {
+        // The layer is installed only with `--statement-profile`.
+        if event.metadata().target() != "sqlx::query" {
             return;
         }
         let mut elapsed = Elapsed::default();

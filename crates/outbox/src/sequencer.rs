@@ -38,9 +38,7 @@ use sea_orm::{ConnectionTrait, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::postgres::PassCandidates;
-use crate::backend::{
-    Dialect, MAX_IN_LIST, mysql, placeholders, postgres, query_all, sqlite, update_per_key,
-};
+use crate::backend::{Dialect, MAX_IN_LIST, mysql, placeholders, postgres, query_all, sqlite};
 use crate::config::FOREIGN_POLL_MIN;
 use crate::error::{OutboxError, Result};
 use crate::outbox::Inner;
@@ -249,7 +247,6 @@ async fn pass_group(
         by_partition.entry(pid).or_default().push((id, body, k));
     }
     let now_utc = chrono::Utc::now();
-    let now = d.time(now_utc);
     let mut outgoing: Vec<(i64, i64, i64)> = Vec::with_capacity(rows.len());
     let mut incoming_ids: Vec<i64> = Vec::with_capacity(rows.len());
     let mut new_seq: Vec<(i64, i64)> = Vec::with_capacity(by_partition.len());
@@ -273,37 +270,11 @@ async fn pass_group(
         }
         ok
     } else {
-        // SQLite (PostgreSQL returned above): the writes go as one call at a trickle (see
-        // [`sqlite::execute_joined`]; a backlog's in calls of a few statements) and together must change exactly their rows: every
-        // outgoing row inserted, one sequence per partition, every incoming row deleted.
-        let mut writes = Vec::new();
-        for chunk in outgoing.chunks(1000) {
-            let sql = format!(
-                "INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) VALUES {}",
-                vec!["(?, ?, ?, ?)"; chunk.len()].join(", ")
-            );
-            let mut args = Vec::with_capacity(4 * chunk.len());
-            for (pid, body, seq) in chunk {
-                args.push(Value::from(*pid));
-                args.push(Value::from(*body));
-                args.push(Value::from(*seq));
-                args.push(now.clone());
-            }
-            writes.push((sql, args));
-        }
-        writes.push(update_per_key(
-            d,
-            "modkit_outbox_partitions",
-            "id",
-            &d.q("sequence"),
-            &new_seq,
-        ));
-        for chunk in incoming_ids.chunks(MAX_IN_LIST) {
-            let sql = d.delete_ids("modkit_outbox_incoming", chunk.len(), "");
-            writes.push((sql, d.list_args(chunk)));
-        }
-        let expected = outgoing.len() + new_seq.len() + incoming_ids.len();
-        sqlite::execute_joined(t, writes).await? == expected as u64
+        // SQLite (PostgreSQL returned above): one call at a trickle (see
+        // [`sqlite::sequence_writes`]); together they must change exactly their rows.
+        let (writes, expected) =
+            sqlite::sequence_writes(&outgoing, &incoming_ids, &new_seq, now_utc);
+        sqlite::execute_joined(t, writes).await? == expected
     };
     if !all_there {
         w.rollback().await?;

@@ -3,7 +3,10 @@
 //! on a lock upgrade. Several processes on one file stay correct (every write transaction is
 //! serialized by SQLite) but gain nothing; run one engine per file.
 
+use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Value};
+
+use super::{Dialect, MAX_IN_LIST, update_per_key};
 
 /// One message's enqueue as one call: the body, then its `incoming` row pointing at it
 /// (`last_insert_rowid()` is the body's id on this connection), returning that id. sqlx runs
@@ -68,9 +71,52 @@ pub(crate) async fn execute_joined<C: ConnectionTrait>(
             args.len(),
             "placeholders and arguments of a joined call"
         );
-        changed += super::execute(c, super::Dialect::Sqlite, &sql, args).await?;
+        changed += super::execute(c, Dialect::Sqlite, &sql, args).await?;
     }
     Ok(changed)
+}
+
+/// A sequencer pass's writes for [`execute_joined`]: the `outgoing` rows `(partition, body,
+/// seq)` in inserts of up to 1000, each partition's new sequence in one update, the moved
+/// `incoming` ids in key-driven deletes; with the change count they must sum to (every
+/// outgoing row inserted, one sequence per partition, every incoming row deleted). The MySQL
+/// counterpart is `mysql::sequence_writes`.
+pub(crate) fn sequence_writes(
+    outgoing: &[(i64, i64, i64)],
+    incoming_ids: &[i64],
+    new_seq: &[(i64, i64)],
+    now: DateTime<Utc>,
+) -> (Vec<(String, Vec<Value>)>, u64) {
+    let d = Dialect::Sqlite;
+    let now = d.time(now);
+    let mut writes = Vec::new();
+    for chunk in outgoing.chunks(1000) {
+        let sql = format!(
+            "INSERT INTO modkit_outbox_outgoing (partition_id, body_id, seq, sequenced_at) VALUES {}",
+            vec!["(?, ?, ?, ?)"; chunk.len()].join(", ")
+        );
+        let mut args = Vec::with_capacity(4 * chunk.len());
+        for (pid, body, seq) in chunk {
+            args.push(Value::from(*pid));
+            args.push(Value::from(*body));
+            args.push(Value::from(*seq));
+            args.push(now.clone());
+        }
+        writes.push((sql, args));
+    }
+    writes.push(update_per_key(
+        d,
+        "modkit_outbox_partitions",
+        "id",
+        &d.q("sequence"),
+        new_seq,
+    ));
+    for chunk in incoming_ids.chunks(MAX_IN_LIST) {
+        let sql = d.delete_ids("modkit_outbox_incoming", chunk.len(), "");
+        writes.push((sql, d.list_args(chunk)));
+    }
+    let expected = outgoing.len() + new_seq.len() + incoming_ids.len();
+    (writes, expected as u64)
 }
 
 #[cfg(test)]
