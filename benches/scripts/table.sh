@@ -10,7 +10,7 @@ RUNS=${RUNS:-3}
 PG=${PG:-postgres://postgres@127.0.0.1:5432/outbox_bench}
 MY=${MY:-mysql://root@127.0.0.1:3306/outbox_bench}
 cargo build -q --release -p outbox-bench
-BIN=target/release/outbox-bench
+BIN=${CARGO_TARGET_DIR:-target}/release/outbox-bench
 run() { "$BIN" --runs "$RUNS" "$@" | tail -n 1 >> "$OUT"; }
 BACKENDS=${BACKENDS:-postgres mysql sqlite}
 for backend in $BACKENDS; do
