@@ -34,6 +34,14 @@ outbox *ARGS:
 bench *ARGS:
     cargo run --release -p outbox-bench -- {{ARGS}}
 
+# B=1 with PostgreSQL's durable commits as slow as the issue's disk (OUT.jsonl [harness options])
+bench-slow-commit-pg *ARGS:
+    bash benches/scripts/slow-commit-pg.sh {{ARGS}}
+
+# B=1 on a throwaway MariaDB whose commits wait like the issue's disk (OUT.jsonl [options])
+bench-slow-commit-mariadb *ARGS:
+    bash benches/scripts/slow-commit-mariadb.sh {{ARGS}}
+
 # fmt, clippy and rustdoc, as CI runs them
 lint:
     cargo fmt --all -- --check
