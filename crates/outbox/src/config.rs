@@ -203,6 +203,17 @@ impl OutboxConfig {
         })
     }
 
+    /// Concurrent sequencer transactions on `dialect` (after a pass that moved a backlog): the
+    /// configured number, or the backend's default; always 1 on SQLite (one writer).
+    pub(crate) fn sequencer_workers_for(&self, dialect: Dialect) -> usize {
+        match (dialect, self.sequencer_workers) {
+            (Dialect::Sqlite, _) => 1,
+            (_, Some(w)) => w,
+            (Dialect::Postgres, None) => DEFAULT_SEQUENCER_WORKERS,
+            (Dialect::MySql, None) => DEFAULT_SEQUENCER_WORKERS_MYSQL,
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(OutboxError::InvalidConfig(m.to_owned()));
         if self.batch_size == 0 || self.batch_size > 10_000 {
@@ -277,6 +288,27 @@ mod tests {
             let b30 = p.backoff(u32::MAX);
             assert!(b30 < Duration::from_millis(1250));
         }
+    }
+
+    #[test]
+    fn sequencer_workers_are_the_configured_ones_or_the_backends_default() {
+        let c = OutboxConfig::default();
+        assert_eq!(
+            c.sequencer_workers_for(Dialect::Postgres),
+            DEFAULT_SEQUENCER_WORKERS
+        );
+        assert_eq!(
+            c.sequencer_workers_for(Dialect::MySql),
+            DEFAULT_SEQUENCER_WORKERS_MYSQL
+        );
+        assert_eq!(c.sequencer_workers_for(Dialect::Sqlite), 1);
+        let c = OutboxConfig {
+            sequencer_workers: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(c.sequencer_workers_for(Dialect::Postgres), 7);
+        assert_eq!(c.sequencer_workers_for(Dialect::MySql), 7);
+        assert_eq!(c.sequencer_workers_for(Dialect::Sqlite), 1, "one writer");
     }
 
     #[test]

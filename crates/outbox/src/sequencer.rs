@@ -149,13 +149,11 @@ pub(crate) async fn pass(inner: &Inner, split: bool, hot: bool, hand: bool) -> R
     let from = inner.sequencer_from.load(Ordering::Relaxed);
     let (candidates, next) = probe_window(&candidates, from, MAX_PARTITIONS_PER_PASS);
     inner.sequencer_from.store(next, Ordering::Relaxed);
-    let workers = match (db.dialect, inner.config.sequencer_workers) {
-        (Dialect::Sqlite, _) => 1,
+    let workers = if split {
+        inner.config.sequencer_workers_for(db.dialect)
+    } else {
         // A trickle: one statement moves it all; more would only multiply round trips.
-        _ if !split => 1,
-        (_, Some(w)) => w,
-        (Dialect::Postgres, None) => crate::config::DEFAULT_SEQUENCER_WORKERS,
-        (Dialect::MySql, None) => crate::config::DEFAULT_SEQUENCER_WORKERS_MYSQL,
+        1
     };
     let per = candidates.len().div_ceil(workers);
     let results = futures::future::join_all(
