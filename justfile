@@ -34,6 +34,10 @@ outbox *ARGS:
 bench *ARGS:
     cargo run --release -p outbox-bench -- {{ARGS}}
 
+# Criterion micro-benchmarks of the statement builders (no database; `-- FILTER` narrows)
+bench-micro *ARGS:
+    cargo bench -p outbox-bench --bench hot_paths {{ARGS}}
+
 # B=1 with PostgreSQL's durable commits as slow as the issue's disk (OUT.jsonl [harness options])
 bench-slow-commit-pg *ARGS:
     bash benches/scripts/slow-commit-pg.sh {{ARGS}}

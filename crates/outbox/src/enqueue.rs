@@ -56,24 +56,8 @@ pub(crate) async fn insert<C: ConnectionTrait>(
 ) -> Result<Vec<MessageId>> {
     let now = chrono::Utc::now();
     if msgs.len() == 1 && d != Dialect::MySql {
-        let m = &msgs[0];
-        let rows = query_all(
-            c,
-            d,
-            match d {
-                Dialect::Postgres if notify => postgres::ENQUEUE_ONE_NOTIFY,
-                Dialect::Postgres => postgres::ENQUEUE_ONE,
-                _ => sqlite::ENQUEUE_ONE,
-            },
-            vec![
-                Value::from(m.msg.payload.to_vec()),
-                Value::from(m.msg.payload_type.as_str()),
-                Value::from(m.headers.clone()),
-                d.time(now),
-                Value::from(m.partition_id),
-            ],
-        )
-        .await?;
+        let (sql, args) = one_message_statement(d, &msgs[0], now, notify);
+        let rows = query_all(c, d, sql, args).await?;
         let id = rows
             .first()
             .map(|r| r.try_get::<i64>("", "id"))
@@ -85,20 +69,7 @@ pub(crate) async fn insert<C: ConnectionTrait>(
     let mut ids = Vec::with_capacity(msgs.len());
     for chunk in msgs.chunks(ENQUEUE_CHUNK) {
         let body_ids = insert_bodies(c, d, chunk, now).await?;
-        let values = vec!["(?, ?)"; chunk.len()].join(", ");
-        let mut args = Vec::with_capacity(2 * chunk.len());
-        for (m, id) in chunk.iter().zip(&body_ids) {
-            args.push(Value::from(m.partition_id));
-            args.push(Value::from(*id));
-        }
-        let sql = if d == Dialect::Postgres && notify {
-            format!(
-                "WITH i AS (INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES {values}) {}",
-                postgres::NOTIFY_INCOMING
-            )
-        } else {
-            format!("INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES {values}")
-        };
+        let (sql, args) = incoming_statement(d, chunk, &body_ids, notify);
         if d == Dialect::Postgres && notify {
             query_all(c, d, &sql, args).await?;
         } else {
@@ -117,21 +88,10 @@ async fn insert_bodies<C: ConnectionTrait>(
 ) -> Result<Vec<i64>> {
     let token: Option<i64> =
         (d == Dialect::MySql && chunk.len() > 1).then(|| rand::random_range(1..i64::MAX));
-    let mut args = Vec::with_capacity(5 * chunk.len());
-    for m in chunk {
-        args.push(Value::from(m.msg.payload.to_vec()));
-        args.push(Value::from(m.msg.payload_type.as_str()));
-        args.push(Value::from(m.headers.clone()));
-        args.push(Value::from(token));
-        args.push(d.time(now));
-    }
-    let values = vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ");
-    let insert = format!(
-        "INSERT INTO modkit_outbox_body (payload, payload_type, headers, batch_token, created_at) VALUES {values}"
-    );
+    let (insert, args) = bodies_statement(d, chunk, now, token);
     let mut ids: Vec<i64> = match d {
         Dialect::Postgres | Dialect::Sqlite => {
-            let rows = query_all(c, d, &format!("{insert} RETURNING id"), args).await?;
+            let rows = query_all(c, d, &insert, args).await?;
             rows.iter()
                 .map(|r| r.try_get::<i64>("", "id"))
                 .collect::<std::result::Result<_, _>>()?
@@ -169,6 +129,83 @@ async fn insert_bodies<C: ConnectionTrait>(
     }
     ids.sort_unstable();
     Ok(ids)
+}
+
+/// The one statement (PostgreSQL: a CTE; SQLite: two statements in one call) that enqueues a
+/// single message, and its arguments. Not used on MySQL (two prepared inserts).
+pub(crate) fn one_message_statement(
+    d: Dialect,
+    m: &Resolved<'_>,
+    now: chrono::DateTime<chrono::Utc>,
+    notify: bool,
+) -> (&'static str, Vec<Value>) {
+    let sql = match d {
+        Dialect::Postgres if notify => postgres::ENQUEUE_ONE_NOTIFY,
+        Dialect::Postgres => postgres::ENQUEUE_ONE,
+        _ => sqlite::ENQUEUE_ONE,
+    };
+    let args = vec![
+        Value::from(m.msg.payload.to_vec()),
+        Value::from(m.msg.payload_type.as_str()),
+        Value::from(m.headers.clone()),
+        d.time(now),
+        Value::from(m.partition_id),
+    ];
+    (sql, args)
+}
+
+/// The `body` insert of one chunk (with `RETURNING id` where the backend has it) and its
+/// arguments. `token` tags a MySQL batch so its ids can be read back.
+pub(crate) fn bodies_statement(
+    d: Dialect,
+    chunk: &[Resolved<'_>],
+    now: chrono::DateTime<chrono::Utc>,
+    token: Option<i64>,
+) -> (String, Vec<Value>) {
+    let mut args = Vec::with_capacity(5 * chunk.len());
+    for m in chunk {
+        args.push(Value::from(m.msg.payload.to_vec()));
+        args.push(Value::from(m.msg.payload_type.as_str()));
+        args.push(Value::from(m.headers.clone()));
+        args.push(Value::from(token));
+        args.push(d.time(now));
+    }
+    let values = vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+    let returning = if d == Dialect::MySql {
+        ""
+    } else {
+        " RETURNING id"
+    };
+    let sql = format!(
+        "INSERT INTO modkit_outbox_body (payload, payload_type, headers, batch_token, created_at) \
+         VALUES {values}{returning}"
+    );
+    (sql, args)
+}
+
+/// The `incoming` insert of one chunk whose bodies got `body_ids` (in message order), and its
+/// arguments; `notify` (PostgreSQL) adds the `NOTIFY` for the other instances.
+pub(crate) fn incoming_statement(
+    d: Dialect,
+    chunk: &[Resolved<'_>],
+    body_ids: &[i64],
+    notify: bool,
+) -> (String, Vec<Value>) {
+    let values = vec!["(?, ?)"; chunk.len()].join(", ");
+    let mut args = Vec::with_capacity(2 * chunk.len());
+    for (m, id) in chunk.iter().zip(body_ids) {
+        args.push(Value::from(m.partition_id));
+        args.push(Value::from(*id));
+    }
+    let sql = if d == Dialect::Postgres && notify {
+        format!(
+            "WITH i AS (INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES {values}) {}",
+            postgres::NOTIFY_INCOMING
+        )
+    } else {
+        format!("INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES {values}")
+    };
+    (sql, args)
 }
 
 /// Chooses the headers column value once per message.

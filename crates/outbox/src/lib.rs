@@ -42,6 +42,9 @@
 //! ```
 
 mod backend;
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+pub mod bench_internals;
 mod config;
 mod dead_letters;
 mod enqueue;

@@ -69,7 +69,7 @@ const SKIPPED_RECHECK: Duration = Duration::from_millis(20);
 /// Passes are split into concurrent groups only after a pass moved at least this many rows.
 const SPLIT_ABOVE: usize = 256;
 /// Partitions one pass works on (keeps every statement far below bind-parameter limits).
-const MAX_PARTITIONS_PER_PASS: usize = MAX_IN_LIST;
+pub(crate) const MAX_PARTITIONS_PER_PASS: usize = MAX_IN_LIST;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct PassResult {

@@ -50,17 +50,19 @@ impl Dialect {
     /// The engine's SQL never contains a literal `?`.
     pub(crate) fn stmt(self, sql: &str, values: Vec<Value>) -> Statement {
         if self == Dialect::Postgres && sql.contains('?') {
-            let mut out = String::with_capacity(sql.len() + 16);
-            let mut n = 0;
-            for c in sql.chars() {
-                if c == '?' {
+            // `$n` is at most four bytes longer than `?` for any statement the engine sends.
+            let mut out = String::with_capacity(sql.len() + sql.len() / 2);
+            let (mut start, mut n) = (0, 0u32);
+            for (i, b) in sql.bytes().enumerate() {
+                if b == b'?' {
+                    // `?` is ASCII, so `i` is a char boundary.
+                    out.push_str(&sql[start..i]);
                     n += 1;
-                    out.push('$');
-                    out.push_str(&n.to_string());
-                } else {
-                    out.push(c);
+                    let _ = write!(out, "${n}");
+                    start = i + 1;
                 }
             }
+            out.push_str(&sql[start..]);
             Statement::from_sql_and_values(self.backend(), out, values)
         } else {
             Statement::from_sql_and_values(self.backend(), sql, values)
@@ -409,6 +411,14 @@ mod tests {
     fn placeholders_are_numbered_on_postgres_only() {
         let s = Dialect::Postgres.stmt("SELECT ? + ?", vec![1.into(), 2.into()]);
         assert_eq!(s.sql, "SELECT $1 + $2");
+        // Placeholders at either end, side by side, and past nine.
+        let s = Dialect::Postgres.stmt("?,??", vec![]);
+        assert_eq!(s.sql, "$1,$2$3");
+        let many = ["?"; 12].join(" ");
+        let s = Dialect::Postgres.stmt(&many, vec![]);
+        assert!(s.sql.ends_with("$11 $12"), "{}", s.sql);
+        let s = Dialect::Postgres.stmt("SELECT 1", vec![]);
+        assert_eq!(s.sql, "SELECT 1");
         let s = Dialect::MySql.stmt("SELECT ? + ?", vec![1.into(), 2.into()]);
         assert_eq!(s.sql, "SELECT ? + ?");
         assert_eq!(placeholders(3), "?, ?, ?");
