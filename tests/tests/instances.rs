@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use common::{Recorder, cursors_reach, eventually, fast_config, migrate, scalar};
 use modkit_outbox::{
     HandlerResult, Message, NewMessage, Outbox, OutboxConfig, Outcome, Partitions,
 };
 use modkit_outbox_tests::{TestDb, backend_tests};
-use sea_orm::ConnectionTrait;
+use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
 
 async fn crashed_instance_is_taken_over(db: TestDb) {
     migrate(&db).await;
@@ -128,6 +129,116 @@ async fn slow_handler_keeps_its_lease(db: TestDb) {
     for h in handles {
         h.stop().await;
     }
+}
+
+/// Records when it is dropped: a handler future holding it was cancelled.
+struct DroppedAt(Arc<std::sync::Mutex<Option<DateTime<Utc>>>>);
+
+impl Drop for DroppedAt {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Utc::now());
+    }
+}
+
+/// A handler whose lease cannot be renewed (another transaction holds the `processor` row, so
+/// every renewal waits and times out) is cancelled by the time the expiry written in the
+/// database passes: after that another instance may take the partition. The lease is reused
+/// with less than a full TTL left (the partition sat idle after its first message), the case
+/// where counting renewal rounds instead of the expiry let the handler run on. Nothing is lost:
+/// once the row is free again the message is delivered again and acknowledged.
+async fn handler_is_cancelled_when_its_lease_runs_out(db: TestDb) {
+    migrate(&db).await;
+    let config = OutboxConfig {
+        lease_ttl: Duration::from_secs(3),
+        ..fast_config()
+    };
+    let started = Arc::new(tokio::sync::Notify::new());
+    let dropped: Arc<std::sync::Mutex<Option<DateTime<Utc>>>> = Arc::default();
+    let hang = Arc::new(AtomicBool::new(true));
+    let deliveries = Arc::new(AtomicUsize::new(0));
+    let (s, d, h, n) = (
+        started.clone(),
+        dropped.clone(),
+        hang.clone(),
+        deliveries.clone(),
+    );
+    let handle = Outbox::builder(db.connect().await)
+        .config(config)
+        .queue("expiry", Partitions::of(1))
+        .leased(move |m: Message| {
+            let (s, d, h, n) = (s.clone(), d.clone(), h.clone(), n.clone());
+            async move {
+                n.fetch_add(1, Ordering::SeqCst);
+                if &m.payload[..] == b"hang" && h.swap(false, Ordering::SeqCst) {
+                    let _guard = DroppedAt(d);
+                    s.notify_one();
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                HandlerResult::Ok(Outcome::Ack)
+            }
+        })
+        .start()
+        .await
+        .expect("start");
+    let outbox = handle.outbox();
+    outbox
+        .enqueue(&db.conn, "expiry", 0, "first", "t")
+        .await
+        .expect("enqueue");
+    assert!(cursors_reach(&db.conn, Duration::from_secs(20), 1, 1).await);
+    // Idle for under a third of the TTL: the next batch reuses the lease with ~2/3 of it left.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    outbox
+        .enqueue(&db.conn, "expiry", 0, "hang", "t")
+        .await
+        .expect("enqueue");
+    tokio::time::timeout(Duration::from_secs(20), started.notified())
+        .await
+        .expect("the second message reached the handler");
+
+    let blocker = db.connect_with_pool(1).await;
+    let txn = blocker.begin().await.expect("begin");
+    let expiry: DateTime<Utc> = txn
+        .query_one_raw(Statement::from_string(
+            db.conn.get_database_backend(),
+            "SELECT locked_until FROM modkit_outbox_processor",
+        ))
+        .await
+        .expect("read the lease")
+        .expect("a processor row")
+        .try_get("", "locked_until")
+        .expect("locked_until");
+    // Holds the row (PostgreSQL, MySQL) or the database's write lock (SQLite) from now on.
+    txn.execute_unprepared("UPDATE modkit_outbox_processor SET attempts = attempts")
+        .await
+        .expect("lock the processor row");
+    let cancelled = eventually(Duration::from_secs(15), || {
+        let d = dropped.clone();
+        async move { d.lock().unwrap_or_else(|e| e.into_inner()).is_some() }
+    })
+    .await;
+    let at = *dropped.lock().unwrap_or_else(|e| e.into_inner());
+    txn.rollback().await.expect("release");
+    assert!(
+        cancelled,
+        "{:?}: the handler was never cancelled",
+        db.backend
+    );
+    let at = at.expect("cancelled");
+    // Scheduling slack only: the deadline is the expiry itself.
+    let late = at - expiry;
+    assert!(
+        late < chrono::TimeDelta::milliseconds(400),
+        "{:?}: cancelled {late} after the lease expired at {expiry}",
+        db.backend
+    );
+    assert!(
+        cursors_reach(&db.conn, Duration::from_secs(30), 2, 1).await,
+        "{:?}: the cancelled message was delivered again and acknowledged",
+        db.backend
+    );
+    assert!(deliveries.load(Ordering::SeqCst) >= 3);
+    handle.stop().await;
 }
 
 async fn three_instances_never_share_a_partition(db: TestDb) {
@@ -356,6 +467,7 @@ async fn ack_under_a_stolen_lease_is_refused(db: TestDb) {
 backend_tests!(
     ack_under_a_stolen_lease_is_refused,
     crashed_instance_is_taken_over,
+    handler_is_cancelled_when_its_lease_runs_out,
     slow_handler_keeps_its_lease,
     three_instances_never_share_a_partition,
 );

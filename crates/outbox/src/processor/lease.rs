@@ -61,19 +61,34 @@ pub(crate) async fn acquire_many(
         .collect()
 }
 
-/// Extends our lease. Returns false when it is no longer ours.
+/// Extends our lease to `until`, never shortening it. Returns false when it is no longer ours.
+///
+/// A renewal whose caller gave up on it (timed out) may still run later, after an ack or a
+/// newer renewal wrote a later expiry, for instance once a row lock it waited on is released:
+/// it must not pull `locked_until` back below what the processor counts on. (MySQL reports the
+/// matched row even when the value stays: the engine connects with `CLIENT_FOUND_ROWS`.)
 pub(crate) async fn renew(
     db: &Db,
     partition_id: i64,
     owner: &str,
     until: DateTime<Utc>,
 ) -> Result<bool, sea_orm::DbErr> {
+    let later = match db.dialect {
+        // SQLite's two-argument `MAX` is its scalar maximum; its times are text that sorts
+        // as time. Every backend's maximum is NULL if an argument is, hence the `COALESCE`.
+        Dialect::Sqlite => "MAX(COALESCE(locked_until, ?), ?)",
+        _ => "GREATEST(COALESCE(locked_until, ?), ?)",
+    };
+    let until = db.dialect.time(until);
     let n = db
         .exec_write(
-            "UPDATE modkit_outbox_processor SET locked_until = ? \
-             WHERE partition_id = ? AND locked_by = ?",
+            &format!(
+                "UPDATE modkit_outbox_processor SET locked_until = {later} \
+                 WHERE partition_id = ? AND locked_by = ?"
+            ),
             vec![
-                db.dialect.time(until),
+                until.clone(),
+                until,
                 Value::from(partition_id),
                 Value::from(owner),
             ],

@@ -670,9 +670,12 @@ impl Partition {
                 return Ok(at(Utc::now() + chrono::Duration::milliseconds(50), true));
             };
             self.lease_expires = new_until;
-            if !mine {
+            // Ours but run out: another instance may have taken it, written a retry or a dead
+            // letter, and released it between our read and this acquire.
+            let lapsed = until <= now;
+            if !mine || lapsed {
                 tracing::debug!(queue = %self.queue.name, partition = self.index, "lease acquired");
-                // The state read before the lease may predate the previous owner's last ack.
+                // The state read before the lease may predate the previous owner's last write.
                 let (fresh, fresh_msgs) = read_state_and_batch(self).await?;
                 if fresh.high <= fresh.processed || fresh.retry_at.is_some_and(|t| t > Utc::now()) {
                     self.holds_lease = true;
@@ -758,49 +761,74 @@ impl Partition {
         Ok(next_after_ack(&a, st.high))
     }
 
-    /// Runs the handler while renewing the lease; `None` when the lease was lost or could not be
-    /// renewed before it ran out (the handler future is then dropped, i.e. cancelled).
+    /// Runs the handler while renewing the lease; `None` when the lease was lost or ran out
+    /// before a renewal succeeded (the handler future is then dropped, i.e. cancelled).
+    ///
+    /// The handler is cancelled no later than the expiry written in the database: the local
+    /// deadline counts down from that expiry as of the batch's start, and after a renewal from
+    /// an instant taken before the renewal computed its new expiry. Another instance may take
+    /// the partition once that expiry passes, so a handler must not outlive it, whether the
+    /// renewals fail fast, time out or hang. The handler keeps running while a renewal is in
+    /// flight.
     async fn run_leased(
         &mut self,
         handler: &Arc<dyn crate::handler::LeasedBatchHandler>,
         msgs: &[Message],
     ) -> Result<Option<Vec<HandlerResult>>> {
+        type Renewal = (
+            Instant,
+            DateTime<Utc>,
+            Option<std::result::Result<bool, sea_orm::DbErr>>,
+        );
         let ttl = self.inner.config.lease_ttl;
         let renew_every = ttl / 3;
-        let db = self.inner.db.clone();
-        let inner = self.inner.clone();
-        let me = inner.instance_id.as_str();
         let work = catch_panic_batch(handler.handle_batch(msgs), msgs.len());
         tokio::pin!(work);
-        // Count down from the expiry actually written, which may be less than a full TTL away.
         let left = (self.lease_expires - Utc::now())
             .to_std()
             .unwrap_or(Duration::ZERO);
         let mut expires = Instant::now() + left;
         let first = renew_every.min(left / 2);
         let mut tick = tokio::time::interval_at(Instant::now() + first, renew_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renewal: Option<std::pin::Pin<Box<dyn Future<Output = Renewal> + Send>>> = None;
         loop {
             tokio::select! {
                 r = &mut work => return Ok(Some(r)),
-                _ = tick.tick() => {
+                () = tokio::time::sleep_until(expires) => {
+                    tracing::warn!(queue = %self.queue.name, partition = self.index,
+                        "lease ran out before a renewal succeeded; cancelling the handler");
+                    return Ok(None);
+                }
+                _ = tick.tick(), if renewal.is_none() => {
+                    let (db, me, id) =
+                        (self.inner.db.clone(), self.inner.instance_id.clone(), self.id);
+                    // Taken before the new expiry is computed: `started + ttl` is never later
+                    // than the expiry the renewal writes.
+                    let started = Instant::now();
                     let until = Utc::now() + ttl;
-                    let renewed = tokio::time::timeout(
-                        renew_every,
-                        lease::renew(&db, self.id, me, until),
-                    )
-                    .await;
-                    match renewed {
-                        Ok(Ok(true)) => {
-                            expires = Instant::now() + ttl;
+                    renewal = Some(Box::pin(async move {
+                        let r = tokio::time::timeout(renew_every, lease::renew(&db, id, &me, until))
+                            .await
+                            .ok();
+                        (started, until, r)
+                    }));
+                }
+                (started, until, r) = async {
+                    match renewal.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                }, if renewal.is_some() => {
+                    renewal = None;
+                    match r {
+                        Some(Ok(true)) => {
+                            expires = started + ttl;
                             self.lease_expires = until;
                         }
-                        Ok(Ok(false)) => return Ok(None),
-                        Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
-                        Err(_) => tracing::warn!("lease renewal timed out"),
-                    }
-                    if Instant::now() >= expires {
-                        // Could not renew in time: someone else may own the partition now.
-                        return Ok(None);
+                        Some(Ok(false)) => return Ok(None),
+                        Some(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+                        None => tracing::warn!("lease renewal timed out"),
                     }
                 }
             }
