@@ -6,6 +6,7 @@
 //! just bench --url mysql://root@127.0.0.1:3306/outbox_bench --partitions 64
 //! just bench --url postgres://postgres@127.0.0.1:5432/outbox_bench --batch 1 --enqueue-only
 //! just bench --url mysql://root@127.0.0.1:3306/outbox_bench --batch 1 --no-floor --statement-profile
+//! just bench --url postgres://postgres@127.0.0.1:5432/outbox_bench --batch 1 --two-row-floor
 //! ```
 //!
 //! Every run migrates a fresh schema, measures the floor (plain-SQL inserts and deletes of the
@@ -17,7 +18,9 @@
 //! beside the floor, to tell what the enqueue transactions cost from what the running pipeline
 //! takes from them. `--statement-profile` counts and times every SQL call of the engine phase
 //! by the part of the pipeline that made it (`profile.rs`), and `--linger-ms` overrides the
-//! sequencer's linger, for sweeps without a rebuild.
+//! sequencer's linger, for sweeps without a rebuild. `--two-row-floor` also times the floor's
+//! inserts as two rows per message (a payload row and a row referencing it, sent as the
+//! enqueue sends `body` and `incoming`): the most any producer path on this schema can reach.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod db;
@@ -111,6 +114,11 @@ pub struct Args {
     /// Only measure the floor.
     #[arg(long)]
     pub floor_only: bool,
+    /// Also time the floor's inserts as two rows per message (a payload row and a row
+    /// referencing it, as an enqueue writes `body` and `incoming`), plain SQL in the same
+    /// transactions: what no engine with this schema can exceed (`floor.two_row_insert_msg_per_s`).
+    #[arg(long)]
+    pub two_row_floor: bool,
     /// Also measure the producer path alone (no engine running) and report its enqueue rate.
     #[arg(long)]
     pub enqueue_only: bool,
@@ -147,6 +155,12 @@ struct Line<'a> {
     enqueue_only_msg_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     enqueue_only_ratio_to_insert_floor: Option<f64>,
+    /// `--two-row-floor`: the two-row floor's rate over the one-row floor's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    two_row_floor_ratio_to_insert_floor: Option<f64>,
+    /// `--two-row-floor`: the engine's end-to-end rate over the two-row floor's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio_to_two_row_floor: Option<f64>,
 }
 
 #[tokio::main]
@@ -234,6 +248,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             design_ceiling_msg_per_s: stats::median(
                 floors.iter().map(|f| f.design_ceiling_msg_per_s).collect(),
             ),
+            two_row_insert_msg_per_s: args.two_row_floor.then(|| {
+                stats::median(
+                    floors
+                        .iter()
+                        .filter_map(|f| f.two_row_insert_msg_per_s)
+                        .collect(),
+                )
+            }),
         });
         let engine = (!engines.is_empty()).then(|| engine::EngineRun {
             enqueue_msg_per_s: med(&|e| e.enqueue_msg_per_s),
@@ -277,8 +299,19 @@ fn print_line(
         (Some(f), Some(r)) => Some(r / f.insert_rows_per_s),
         _ => None,
     };
+    let two_rows = floor.as_ref().and_then(|f| f.two_row_insert_msg_per_s);
+    let two_row_floor_ratio_to_insert_floor = match (&floor, two_rows) {
+        (Some(f), Some(t)) => Some(t / f.insert_rows_per_s),
+        _ => None,
+    };
+    let ratio_to_two_row_floor = match (&engine, two_rows) {
+        (Some(e), Some(t)) => Some(e.end_to_end_msg_per_s / t),
+        _ => None,
+    };
     let line = Line {
         kind,
+        two_row_floor_ratio_to_insert_floor,
+        ratio_to_two_row_floor,
         enqueue_only_msg_per_s: enqueue_only,
         enqueue_only_ratio_to_insert_floor,
         backend: backend.to_owned(),
