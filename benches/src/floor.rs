@@ -89,17 +89,7 @@ pub async fn run(args: &Args, target: &Target) -> Result<Floor, Box<dyn std::err
             let mut done = 0;
             while done < per {
                 let n = batch.min(per - done);
-                let sql = format!(
-                    "INSERT INTO bench_floor (producer, payload, created_at) VALUES {}",
-                    ph(b, n, 3)
-                );
-                let now = chrono_now(b);
-                let mut vals = Vec::with_capacity(3 * n);
-                for _ in 0..n {
-                    vals.push(Value::from(p as i32));
-                    vals.push(Value::from(payload.clone()));
-                    vals.push(now.clone());
-                }
+                let (sql, vals) = floor_rows(b, p, n, &payload);
                 let txn = pool.begin().await?;
                 txn.execute_raw(Statement::from_sql_and_values(b, sql, vals))
                     .await?;
@@ -231,17 +221,7 @@ async fn two_rows(args: &Args, target: &Target) -> Result<f64, Box<dyn std::erro
             let mut done = 0;
             while done < per {
                 let n = batch.min(per - done);
-                let now = chrono_now(b);
-                let mut vals = Vec::with_capacity(3 * n + 1);
-                for _ in 0..n {
-                    vals.push(Value::from(p as i32));
-                    vals.push(Value::from(payload.clone()));
-                    vals.push(now.clone());
-                }
-                let bodies = format!(
-                    "INSERT INTO bench_floor (producer, payload, created_at) VALUES {}",
-                    ph(b, n, 3)
-                );
+                let (bodies, mut vals) = floor_rows(b, p, n, &payload);
                 let txn = pool.begin().await?;
                 match b {
                     DbBackend::Postgres => {
@@ -331,6 +311,22 @@ async fn two_rows(args: &Args, target: &Target) -> Result<f64, Box<dyn std::erro
     pool.close().await?;
     admin.close().await?;
     Ok(total as f64 / secs)
+}
+
+/// The floor's insert of `n` rows for producer `p`, and its values.
+fn floor_rows(b: DbBackend, p: usize, n: usize, payload: &[u8]) -> (String, Vec<Value>) {
+    let sql = format!(
+        "INSERT INTO bench_floor (producer, payload, created_at) VALUES {}",
+        ph(b, n, 3)
+    );
+    let now = chrono_now(b);
+    let mut vals = Vec::with_capacity(3 * n + 1);
+    for _ in 0..n {
+        vals.push(Value::from(p as i32));
+        vals.push(Value::from(payload.to_vec()));
+        vals.push(now.clone());
+    }
+    (sql, vals)
 }
 
 fn chrono_now(b: DbBackend) -> Value {
