@@ -449,8 +449,92 @@ async fn racing_replays_and_claims_never_double(db: TestDb) {
     );
 }
 
+/// A failure reason the database could not store as given (70 kB, longer than MySQL's `TEXT`;
+/// a NUL, which PostgreSQL text refuses) must not keep a message from being dead-lettered:
+/// the reason is stored cut and cleaned, in leased and in transactional mode, and through
+/// `DeadLetters::fail`.
+async fn unstorable_failure_reasons_still_dead_letter(db: TestDb) {
+    migrate(&db).await;
+    let reason = format!("bad\0{}", "x".repeat(70_000));
+    let r = reason.clone();
+    let handle = Outbox::builder(db.conn.clone())
+        .config(fast_config())
+        .queue("leased", Partitions::of(1))
+        .leased(move |_m: Message| {
+            let r = r.clone();
+            async move { HandlerResult::Ok(Outcome::Retry(r)) }
+        })
+        .queue("txn", Partitions::of(1))
+        .transactional(FailsWith(reason.clone()))
+        .start()
+        .await
+        .expect("start");
+    for q in ["leased", "txn"] {
+        handle
+            .outbox()
+            .enqueue(&db.conn, q, 0, &b"p"[..], "t")
+            .await
+            .expect("enqueue");
+    }
+    wait_dead(&db, 2).await;
+    let dl = DeadLetters::new(db.conn.clone()).expect("api");
+    let page = dl
+        .list(&DeadLetterFilter::default(), 10, None)
+        .await
+        .expect("list");
+    assert_eq!(page.items.len(), 2);
+    for item in &page.items {
+        let e = item.last_error.as_deref().unwrap_or_default();
+        assert!(
+            e.len() <= modkit_outbox::MAX_ERROR_TEXT_BYTES,
+            "{}",
+            e.len()
+        );
+        assert!(
+            e.starts_with("bad\u{FFFD}xxx") && !e.contains('\0'),
+            "{:?}",
+            &e[..20]
+        );
+    }
+    handle.stop().await;
+    // The operator's reason takes the same path.
+    let claimed = dl
+        .claim(
+            &DeadLetterFilter::default(),
+            1,
+            Duration::from_secs(60),
+            "op",
+        )
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let id = claimed[0].id;
+    dl.fail(id, "op", &reason)
+        .await
+        .expect("fail with an unstorable reason");
+    let e = dl
+        .get(id)
+        .await
+        .expect("get")
+        .expect("row")
+        .last_error
+        .unwrap_or_default();
+    assert!(e.len() <= modkit_outbox::MAX_ERROR_TEXT_BYTES && !e.contains('\0'));
+}
+
+/// A transactional handler that fails every message with the given text.
+struct FailsWith(String);
+
+#[async_trait::async_trait]
+impl modkit_outbox::TransactionalHandler for FailsWith {
+    async fn handle(&self, _txn: &sea_orm::DatabaseTransaction, _m: &Message) -> HandlerResult {
+        Err(self.0.clone().into())
+    }
+}
+
 backend_tests!(
     filters_pagination_and_transitions,
+    unstorable_failure_reasons_still_dead_letter,
     replay_end_to_end_after_the_tail,
     racing_replays_and_claims_never_double,
 );

@@ -164,6 +164,25 @@ async fn invalid_input_is_rejected_and_writes_nothing(db: TestDb) {
         )
         .await;
     assert!(matches!(e, Err(OutboxError::PartitionOutOfRange { .. })));
+    // Headers within every per-header limit but over MySQL's TEXT column once encoded, on the
+    // last message of a batch longer than one insert chunk: rejected before any row is written.
+    let mut batch: Vec<NewMessage> = (0..1000)
+        .map(|_| NewMessage::new("orders", 0, &b"ok"[..], "t"))
+        .collect();
+    let mut big = NewMessage::new("orders", 0, &b"ok"[..], "t");
+    for i in 0..8 {
+        big = big.header(
+            format!("h{i}"),
+            "v".repeat(modkit_outbox::MAX_HEADER_VALUE_BYTES),
+        );
+    }
+    batch.push(big);
+    let e = outbox.enqueue_batch(&txn, &batch).await;
+    assert!(
+        matches!(e, Err(OutboxError::InvalidHeader { .. })),
+        "{:?}: {e:?}",
+        db.backend
+    );
     txn.commit().await.expect("commit");
     assert_eq!(count(&db.conn, "modkit_outbox_body").await, 0);
     assert_eq!(count(&db.conn, "modkit_outbox_incoming").await, 0);

@@ -539,7 +539,10 @@ impl DeadLetters {
         }
         let d = self.db.dialect;
         let now = Utc::now();
-        let deadline = now + chrono::Duration::from_std(lease).unwrap_or_default();
+        let deadline = chrono::Duration::from_std(lease)
+            .ok()
+            .and_then(|l| now.checked_add_signed(l))
+            .ok_or_else(|| OutboxError::InvalidInput("claim lease too long".into()))?;
         let w = self.db.begin_write().await?;
         let mut rows = self
             .lock_matching(
@@ -613,14 +616,19 @@ impl DeadLetters {
         .await
     }
 
-    /// Gives a claimed dead letter back as `pending`, recording the error and one more attempt.
+    /// Gives a claimed dead letter back as `pending`, recording the error (bounded as
+    /// [`crate::MAX_ERROR_TEXT_BYTES`] says) and one more attempt.
     pub async fn fail(&self, id: i64, claimer: &str, error: &str) -> Result<()> {
         self.transition(
             id,
             "UPDATE modkit_outbox_dead_letters SET status = 'pending', last_error = ?, \
              attempts = attempts + 1, deadline = NULL, claimed_by = NULL \
              WHERE id = ? AND status = 'reprocessing' AND claimed_by = ?",
-            vec![Value::from(error), Value::from(id), Value::from(claimer)],
+            vec![
+                Value::from(crate::message::storable_error(error)),
+                Value::from(id),
+                Value::from(claimer),
+            ],
             "reprocessing (claimed by the caller)",
         )
         .await

@@ -82,8 +82,9 @@ pub use handler::{
     TransactionalBatchHandler, TransactionalHandler,
 };
 pub use message::{
-    Headers, MAX_HEADER_NAME_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS, MAX_PAYLOAD_TYPE_BYTES,
-    MAX_QUEUE_NAME_BYTES, Message, MessageId, NewMessage, Partitions, partition_for_key,
+    Headers, MAX_ERROR_TEXT_BYTES, MAX_HEADER_NAME_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
+    MAX_HEADERS_BYTES, MAX_PAYLOAD_TYPE_BYTES, MAX_QUEUE_NAME_BYTES, Message, MessageId,
+    NewMessage, Partitions, partition_for_key,
 };
 pub use outbox::{Outbox, OutboxBuilder, OutboxHandle, QueueBuilder};
 pub use stats::{OutboxStats, PartitionStats, collect_stats};

@@ -12,7 +12,8 @@ use crate::error::{OutboxError, Result};
 
 /// Per-message headers: a sorted string map stored with the body and handed to the handler
 /// (W3C `traceparent`, idempotency keys…). Names are 1..=128 bytes without control characters
-/// or whitespace; values at most 8 KiB; at most 64 headers per message.
+/// or whitespace; values at most 8 KiB; at most 64 headers per message, and at most
+/// [`MAX_HEADERS_BYTES`] once encoded.
 pub type Headers = BTreeMap<String, String>;
 
 /// Most headers one message may carry.
@@ -21,6 +22,15 @@ pub const MAX_HEADERS: usize = 64;
 pub const MAX_HEADER_NAME_BYTES: usize = 128;
 /// Longest header value in bytes.
 pub const MAX_HEADER_VALUE_BYTES: usize = 8 * 1024;
+/// Most bytes a message's headers may take once stored (encoded as a JSON object). MySQL keeps
+/// them in a `TEXT` column, which holds 65,535 bytes.
+pub const MAX_HEADERS_BYTES: usize = 60 * 1024;
+/// Longest failure reason stored, in bytes (a partition's `last_error`, a dead letter's). A
+/// longer reason (a handler's `Retry`/`Reject` text, its error, or [`crate::DeadLetters::fail`]'s)
+/// is cut at a character boundary and marked; NUL characters, which PostgreSQL text cannot
+/// hold, are stored as U+FFFD. Storing the reason must never fail, or the attempt could not be
+/// counted and the message would never be dead-lettered.
+pub const MAX_ERROR_TEXT_BYTES: usize = 8 * 1024;
 /// Longest payload type in bytes.
 pub const MAX_PAYLOAD_TYPE_BYTES: usize = 255;
 /// Longest queue name in bytes.
@@ -211,7 +221,29 @@ pub(crate) fn validate_headers(h: &Headers) -> Result<()> {
             return err("value longer than 8 KiB");
         }
     }
+    if encode_headers(h).map_or(0, |s| s.len()) > MAX_HEADERS_BYTES {
+        return Err(OutboxError::InvalidHeader {
+            name: format!("({} headers)", h.len()),
+            reason: "more than 60 KiB once encoded",
+        });
+    }
     Ok(())
+}
+
+/// A failure reason as stored: at most [`MAX_ERROR_TEXT_BYTES`], without NUL characters.
+pub(crate) fn storable_error(text: &str) -> String {
+    const MARK: &str = " … (cut)";
+    let text = text.replace('\0', "\u{FFFD}");
+    if text.len() <= MAX_ERROR_TEXT_BYTES {
+        return text;
+    }
+    let mut end = MAX_ERROR_TEXT_BYTES - MARK.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = text[..end].to_owned();
+    out.push_str(MARK);
+    out
 }
 
 /// Headers as stored: `NULL` when empty, a JSON object otherwise.
@@ -231,6 +263,36 @@ pub(crate) fn decode_headers(s: Option<String>) -> Headers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_errors_are_bounded_and_nul_free() {
+        assert_eq!(storable_error("plain"), "plain");
+        assert_eq!(storable_error("a\0b"), "a\u{FFFD}b");
+        // Multi-byte characters across the cut: still valid UTF-8, within the bound.
+        let long = "é".repeat(MAX_ERROR_TEXT_BYTES);
+        let s = storable_error(&long);
+        assert!(s.len() <= MAX_ERROR_TEXT_BYTES, "{}", s.len());
+        assert!(s.ends_with("(cut)") && s.starts_with("éé"));
+        let exact = "x".repeat(MAX_ERROR_TEXT_BYTES);
+        assert_eq!(storable_error(&exact), exact);
+        // A NUL grows by two bytes when replaced: still within the bound.
+        let nul = format!("\0{exact}");
+        assert!(storable_error(&nul).len() <= MAX_ERROR_TEXT_BYTES);
+    }
+
+    #[test]
+    fn headers_are_bounded_once_encoded() {
+        let mut h = Headers::new();
+        for i in 0..8 {
+            h.insert(format!("h{i}"), "v".repeat(MAX_HEADER_VALUE_BYTES));
+        }
+        assert!(
+            validate_headers(&h).is_err(),
+            "8 × 8 KiB is over 60 KiB encoded"
+        );
+        h.remove("h7");
+        assert!(validate_headers(&h).is_ok(), "7 × 8 KiB fits");
+    }
 
     #[test]
     fn key_mapping_is_stable_and_in_range() {

@@ -223,11 +223,13 @@ struct Applied<'m> {
     acked: usize,
 }
 
+/// The failure reason to store for a result, bounded and NUL-free
+/// ([`crate::MAX_ERROR_TEXT_BYTES`]).
 fn error_text(r: &HandlerResult) -> String {
     match r {
-        Ok(Outcome::Retry(s)) | Ok(Outcome::Reject(s)) => s.clone(),
+        Ok(Outcome::Retry(s)) | Ok(Outcome::Reject(s)) => crate::message::storable_error(s),
         Ok(Outcome::Ack) => String::new(),
-        Err(e) => e.to_string(),
+        Err(e) => crate::message::storable_error(&e.to_string()),
     }
 }
 
