@@ -270,7 +270,9 @@ async fn purge(
         .ok()
         .and_then(chrono::Duration::try_seconds)
         .ok_or_else(|| bad_request("older_than_seconds is too large"))?;
-    let cutoff = Utc::now() - age;
+    let cutoff = Utc::now()
+        .checked_sub_signed(age)
+        .ok_or_else(|| bad_request("older_than_seconds is too large"))?;
     let purged = s
         .dead_letters
         .purge(cutoff, DEFAULT_PURGE_CHUNK, |_| {})

@@ -213,6 +213,34 @@ async fn every_route_and_error(db: TestDb) {
         400,
     )
     .await;
+    // A cutoff before the earliest representable time, a NUL and an overlong filter value:
+    // typed 400s, not a dropped connection or a database error.
+    problem(
+        c.post(format!("{base}/dead-letters/purge"))
+            .json(&json!({"older_than_seconds": 9_000_000_000_000_i64}))
+            .send()
+            .await
+            .expect("req"),
+        400,
+    )
+    .await;
+    let p = problem(
+        c.get(format!("{base}/dead-letters?queue=a%00b"))
+            .send()
+            .await
+            .expect("req"),
+        400,
+    )
+    .await;
+    assert!(p["detail"].as_str().expect("detail").contains("queue"));
+    problem(
+        c.get(format!("{base}/dead-letters?type={}", "t".repeat(300)))
+            .send()
+            .await
+            .expect("req"),
+        400,
+    )
+    .await;
 
     // show: 200 and 404
     let id = page["items"][0]["id"].as_i64().expect("id");

@@ -460,9 +460,10 @@ async fn dead_letters(dl: &DeadLetters, action: DlAction, json: bool) -> Result<
             return report(json, "discarded", n);
         }
         DlAction::Purge { older_than, yes } => {
-            let cutoff = chrono::Utc::now()
-                - chrono::Duration::from_std(older_than)
-                    .map_err(|_| fail(exit::USAGE, "--older-than is too large"))?;
+            let cutoff = chrono::Duration::from_std(older_than)
+                .ok()
+                .and_then(|age| chrono::Utc::now().checked_sub_signed(age))
+                .ok_or_else(|| fail(exit::USAGE, "--older-than is too large"))?;
             confirm(
                 yes,
                 &format!("delete finished dead letters completed before {cutoff}"),

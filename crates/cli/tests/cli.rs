@@ -113,6 +113,18 @@ async fn cli_end_to_end(db: TestDb) {
     assert_eq!(bad.status.code(), Some(2), "invalid input");
     let bad_limit = outbox(&db, &["dead-letters", "list", "--limit", "0"]);
     assert_eq!(bad_limit.status.code(), Some(2), "invalid limit");
+    let too_old = outbox(
+        &db,
+        &["dead-letters", "purge", "--older-than", "300000y", "--yes"],
+    );
+    assert_eq!(
+        too_old.status.code(),
+        Some(2),
+        "a cutoff before year 1: usage, no panic"
+    );
+    let long_type = "t".repeat(300);
+    let bad_type = outbox(&db, &["dead-letters", "list", "--type", &long_type]);
+    assert_eq!(bad_type.status.code(), Some(2), "an overlong filter value");
     assert_eq!(
         json(&db, &["dead-letters", "list", "--status", "pending"])["items"]
             .as_array()

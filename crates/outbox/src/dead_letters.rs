@@ -173,6 +173,24 @@ pub struct DeadLetterFilter {
 
 impl DeadLetterFilter {
     fn validate(&self) -> Result<()> {
+        // Longer than any stored value or with control characters (PostgreSQL text cannot even
+        // hold a NUL): a typed error, not a database one.
+        for (what, value, max) in [
+            ("queue", &self.queue, crate::message::MAX_QUEUE_NAME_BYTES),
+            (
+                "payload_type",
+                &self.payload_type,
+                crate::message::MAX_PAYLOAD_TYPE_BYTES,
+            ),
+        ] {
+            if let Some(v) = value
+                && (v.len() > max || v.chars().any(char::is_control))
+            {
+                return Err(OutboxError::InvalidInput(format!(
+                    "the {what} filter must be at most {max} bytes, without control characters"
+                )));
+            }
+        }
         if let (Some(a), Some(b)) = (self.failed_after, self.failed_before)
             && a >= b
         {
