@@ -532,8 +532,45 @@ impl modkit_outbox::TransactionalHandler for FailsWith {
     }
 }
 
+/// Twenty payloads of ~1 MB (20 MB in all, over MariaDB's default 16 MiB packet) through one
+/// enqueue call, one rejected batch and one replay: every multi-row insert that carries
+/// payloads is cut by bytes, so none exceeds `max_allowed_packet` and nothing is stuck.
+async fn megabyte_payloads_enqueue_dead_letter_and_replay(db: TestDb) {
+    migrate(&db).await;
+    let handle = Outbox::builder(db.conn.clone())
+        .config(fast_config())
+        .queue("big", Partitions::of(1))
+        .leased(|_m: Message| async { HandlerResult::Ok(Outcome::Reject("no".into())) })
+        .start()
+        .await
+        .expect("start");
+    let msgs: Vec<NewMessage> = (0..20u8)
+        .map(|i| NewMessage::new("big", 0, vec![i; 1_000_000], "t"))
+        .collect();
+    handle
+        .outbox()
+        .enqueue_batch(&db.conn, &msgs)
+        .await
+        .expect("20 MB in one enqueue call");
+    wait_dead(&db, 20).await;
+    handle.stop().await;
+    let dl = DeadLetters::new(db.conn.clone()).expect("api");
+    let report = dl
+        .replay(&DeadLetterFilter::default(), 500)
+        .await
+        .expect("replay 20 MB");
+    assert_eq!(report.replayed, 20);
+    assert_eq!(
+        scalar(&db.conn, "SELECT COUNT(*) AS n FROM modkit_outbox_incoming").await,
+        20,
+        "{:?}: the replayed messages wait in incoming",
+        db.backend
+    );
+}
+
 backend_tests!(
     filters_pagination_and_transitions,
+    megabyte_payloads_enqueue_dead_letter_and_replay,
     unstorable_failure_reasons_still_dead_letter,
     replay_end_to_end_after_the_tail,
     racing_replays_and_claims_never_double,

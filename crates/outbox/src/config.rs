@@ -123,7 +123,8 @@ impl RetryPolicy {
 /// Engine-wide settings. Every field has a documented default constant.
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
-    /// Largest payload accepted by `enqueue` ([`DEFAULT_MAX_PAYLOAD_BYTES`]).
+    /// Largest payload accepted by `enqueue` ([`DEFAULT_MAX_PAYLOAD_BYTES`]). On MySQL keep it
+    /// well below the server's `max_allowed_packet`: a row must fit in one statement.
     pub max_payload_bytes: usize,
     /// Messages per handler batch ([`DEFAULT_BATCH_SIZE`]).
     pub batch_size: usize,

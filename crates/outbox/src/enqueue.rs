@@ -14,7 +14,8 @@ use crate::backend::{Dialect, mysql, postgres, query_all, sqlite};
 use crate::error::{OutboxError, Result};
 use crate::message::{MessageId, NewMessage, encode_headers};
 
-/// Rows per insert statement (keeps every backend well below its bind-parameter limit).
+/// Rows per insert statement (keeps every backend well below its bind-parameter limit); an
+/// insert is also cut at [`crate::backend::MAX_STATEMENT_BYTES`] of payloads and headers.
 pub(crate) const ENQUEUE_CHUNK: usize = 1000;
 
 /// A connection or transaction messages can be enqueued on.
@@ -67,7 +68,13 @@ pub(crate) async fn insert<C: ConnectionTrait>(
     }
 
     let mut ids = Vec::with_capacity(msgs.len());
-    for chunk in msgs.chunks(ENQUEUE_CHUNK) {
+    let chunks = crate::backend::byte_chunks(
+        msgs,
+        ENQUEUE_CHUNK,
+        crate::backend::MAX_STATEMENT_BYTES,
+        |m| m.msg.payload.len() + m.headers.as_ref().map_or(0, String::len),
+    );
+    for chunk in chunks {
         let body_ids = insert_bodies(c, d, chunk, now).await?;
         let (sql, args) = incoming_statement(d, chunk, &body_ids, notify);
         if d == Dialect::Postgres && notify {

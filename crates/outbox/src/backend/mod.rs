@@ -208,6 +208,36 @@ pub(crate) fn ids_table<T: std::fmt::Display>(ids: impl Iterator<Item = T>) -> S
 /// reference engine fell into). Below the threshold the list is a primary-key range lookup.
 pub(crate) const MAX_IN_LIST: usize = 500;
 
+/// Most bytes of payloads, headers and error texts one multi-row insert carries. MySQL refuses
+/// a statement larger than `max_allowed_packet` (16 MiB by default on MariaDB, 64 MiB on
+/// MySQL 8), so inserts that carry payloads are bounded by bytes as well as by rows; a single
+/// larger row still goes alone.
+pub(crate) const MAX_STATEMENT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Splits `items` into runs of at most `max_rows` items whose `size`s add up to at most
+/// `max_bytes`; an item larger than `max_bytes` forms a run by itself.
+pub(crate) fn byte_chunks<'a, T>(
+    items: &'a [T],
+    max_rows: usize,
+    max_bytes: usize,
+    size: impl Fn(&T) -> usize,
+) -> Vec<&'a [T]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (i, item) in items.iter().enumerate() {
+        let s = size(item);
+        if i > start && (i - start >= max_rows || bytes.saturating_add(s) > max_bytes) {
+            out.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes = bytes.saturating_add(s);
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
+
 /// `?, ?, …` with `n` placeholders, for `IN (…)` lists.
 pub(crate) fn placeholders(n: usize) -> String {
     let mut s = String::with_capacity(n * 3);
@@ -406,6 +436,22 @@ pub(crate) async fn execute<C: ConnectionTrait>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_chunks_bound_rows_and_bytes() {
+        let sizes = [3usize, 3, 3, 10, 1, 1, 1, 1];
+        let lens = |c: Vec<&[usize]>| c.iter().map(|c| c.len()).collect::<Vec<_>>();
+        // By bytes (at most 6): the 10 goes alone.
+        assert_eq!(lens(byte_chunks(&sizes, 100, 6, |s| *s)), [2, 1, 1, 4]);
+        // By rows.
+        assert_eq!(lens(byte_chunks(&sizes, 3, 100, |s| *s)), [3, 3, 2]);
+        assert!(byte_chunks(&[] as &[usize], 3, 6, |s| *s).is_empty());
+        let all: usize = byte_chunks(&sizes, 2, 5, |s| *s)
+            .iter()
+            .map(|c| c.len())
+            .sum();
+        assert_eq!(all, sizes.len());
+    }
 
     #[test]
     fn placeholders_are_numbered_on_postgres_only() {

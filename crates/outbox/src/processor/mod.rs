@@ -292,7 +292,13 @@ async fn insert_dead_letters<C: ConnectionTrait>(
     }
     let d = p.inner.db.dialect;
     let now = d.time(Utc::now());
-    for chunk in dead.chunks(200) {
+    let chunks = crate::backend::byte_chunks(
+        dead,
+        200,
+        crate::backend::MAX_STATEMENT_BYTES,
+        |(m, err)| m.payload.len() + err.len() + m.payload_type.len(),
+    );
+    for chunk in chunks {
         let sql = format!(
             "INSERT INTO modkit_outbox_dead_letters (partition_id, queue, {part}, seq, message_id, \
              payload, payload_type, headers, created_at, failed_at, last_error, attempts, status) \
