@@ -216,12 +216,12 @@ pub(crate) const MAX_STATEMENT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Splits `items` into runs of at most `max_rows` items whose `size`s add up to at most
 /// `max_bytes`; an item larger than `max_bytes` forms a run by itself.
-pub(crate) fn byte_chunks<'a, T>(
-    items: &'a [T],
+pub(crate) fn byte_chunks<T>(
+    items: &[T],
     max_rows: usize,
     max_bytes: usize,
     size: impl Fn(&T) -> usize,
-) -> Vec<&'a [T]> {
+) -> Vec<&[T]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0usize);
     for (i, item) in items.iter().enumerate() {
