@@ -164,8 +164,10 @@ pub struct OutboxConfig {
     pub shutdown_timeout: Duration,
     /// Default retry policy of queues that set none.
     pub retry: RetryPolicy,
-    /// Transactional handlers faster than this per message share transactions across
-    /// partitions; `Duration::ZERO` never shares ([`DEFAULT_SHARED_TXN_MAX_HANDLER_TIME`]).
+    /// Transactional handlers faster than this per message (on average) share transactions
+    /// across partitions; `Duration::ZERO` never shares ([`DEFAULT_SHARED_TXN_MAX_HANDLER_TIME`]).
+    /// A shared transaction runs its handlers one after another, so a handler that sometimes
+    /// stalls delays the others sharing it: use zero when handlers can block.
     pub shared_txn_max_handler_time: Duration,
     /// Lease owner name of this instance; a random unique one when `None`. At most 64 bytes,
     /// no control characters.
