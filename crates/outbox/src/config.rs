@@ -78,6 +78,12 @@ pub const DEFAULT_SEQUENCER_LINGER_SQLITE: Duration = Duration::from_millis(10);
 /// Longest [`OutboxConfig::sequencer_linger`] accepted. A linger only batches commits that
 /// arrive while it waits; longer ones add latency and nothing else.
 pub const MAX_SEQUENCER_LINGER: Duration = Duration::from_millis(100);
+/// Longest [`OutboxConfig::lease_ttl`] accepted (a day). Lease expiries are timestamps the engine
+/// computes; an unbounded TTL could overflow them.
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest [`RetryPolicy::backoff_max`] accepted (30 days): retry times are timestamps the
+/// engine computes and stores (on MySQL a `TIMESTAMP`, which ends in 2038).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Transactional queues whose handler averages less than this per message let the partitions
 /// woken together share one transaction (one commit instead of one per partition); their
@@ -239,8 +245,8 @@ impl OutboxConfig {
         if self.vacuum_chunk == 0 || self.vacuum_chunk > 10_000 {
             return bad("vacuum_chunk must be 1..=10000");
         }
-        if self.lease_ttl < Duration::from_millis(300) {
-            return bad("lease_ttl must be at least 300 ms");
+        if self.lease_ttl < Duration::from_millis(300) || self.lease_ttl > MAX_LEASE_TTL {
+            return bad("lease_ttl must be 300 ms ..= 24 h");
         }
         if self.poll_interval.is_zero() || self.vacuum_interval.is_zero() {
             return bad("poll_interval and vacuum_interval must be positive");
@@ -264,6 +270,11 @@ pub(crate) fn validate_retry(r: &RetryPolicy) -> Result<()> {
             "retry.max_attempts must be at least 1".into(),
         ));
     }
+    if r.backoff_max > MAX_BACKOFF {
+        return Err(OutboxError::InvalidConfig(
+            "retry.backoff_max must be at most 30 days".into(),
+        ));
+    }
     if r.backoff_base > r.backoff_max {
         return Err(OutboxError::InvalidConfig(
             "retry.backoff_base must not exceed retry.backoff_max".into(),
@@ -275,6 +286,25 @@ pub(crate) fn validate_retry(r: &RetryPolicy) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_that_could_overflow_a_timestamp_are_refused() {
+        let ok = OutboxConfig::default();
+        assert!(ok.validate().is_ok());
+        let c = OutboxConfig {
+            lease_ttl: Duration::MAX,
+            ..OutboxConfig::default()
+        };
+        assert!(matches!(c.validate(), Err(OutboxError::InvalidConfig(_))));
+        let c = OutboxConfig {
+            retry: RetryPolicy {
+                backoff_max: Duration::MAX,
+                ..RetryPolicy::default()
+            },
+            ..OutboxConfig::default()
+        };
+        assert!(matches!(c.validate(), Err(OutboxError::InvalidConfig(_))));
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {
