@@ -471,6 +471,10 @@ fn next_after_ack(a: &Applied<'_>, high: i64) -> Step {
     }
 }
 
+/// Shortest wait before a transactional step looks at a pending retry again (its time may
+/// pass between locking the row and checking it; never a busy loop).
+pub(super) const RETRY_RECHECK: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
+
 fn at(t: DateTime<Utc>, interruptible: bool) -> Step {
     let delta = (t - Utc::now()).to_std().unwrap_or(Duration::ZERO);
     Step::At {

@@ -294,11 +294,14 @@ impl Partition {
                 true,
             )));
         };
+        // A pending retry with no batch read: its time had not come when the row was locked
+        // (the read skips such partitions), even if it has by now: look again at `t`.
         if let Some(t) = retry_at
-            && t > Utc::now()
+            && (t > Utc::now() || msgs.is_empty())
         {
             w.rollback().await?;
-            return Ok(Tried::Done(at(t, false)));
+            let soonest = Utc::now() + super::RETRY_RECHECK;
+            return Ok(Tried::Done(at(t.max(soonest), false)));
         }
         if msgs.is_empty() {
             w.rollback().await?;
