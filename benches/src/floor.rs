@@ -1,9 +1,14 @@
 //! The raw-database floor: the same rows (payload size, rows per transaction, producers) inserted
 //! and then deleted with plain SQL and no engine. What the database itself can do here.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Instant;
 
-use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait, Value};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, Statement,
+    TransactionTrait, Value,
+};
 use serde::Serialize;
 
 use crate::Args;
@@ -79,30 +84,17 @@ pub async fn run(args: &Args, target: &Target) -> Result<Floor, Box<dyn std::err
     }
     let pool = connect(&target.url, pool_size(b, args.producers as u32)).await?;
     let per = args.messages / args.producers;
-    let payload = vec![b'x'; args.payload_bytes];
-
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for p in 0..args.producers {
-        let (pool, payload, batch) = (pool.clone(), payload.clone(), args.batch);
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0;
-            while done < per {
-                let n = batch.min(per - done);
-                let (sql, vals) = floor_rows(b, p, n, &payload);
-                let txn = pool.begin().await?;
-                txn.execute_raw(Statement::from_sql_and_values(b, sql, vals))
-                    .await?;
-                txn.commit().await?;
-                done += n;
-            }
-            Ok::<_, sea_orm::DbErr>(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let insert_secs = start.elapsed().as_secs_f64();
+    let payload = Arc::new(vec![b'x'; args.payload_bytes]);
+    let insert_secs = timed_producers(&pool, args, move |txn, p, n| {
+        let payload = payload.clone();
+        async move {
+            let (sql, vals) = floor_rows(b, p, n, &payload);
+            txn.execute_raw(Statement::from_sql_and_values(b, sql, vals))
+                .await?;
+            Ok(txn)
+        }
+    })
+    .await?;
 
     let mut ids_per = Vec::new();
     for p in 0..args.producers {
@@ -211,87 +203,74 @@ async fn two_rows(args: &Args, target: &Target) -> Result<f64, Box<dyn std::erro
     }
     let pool = connect(&target.url, pool_size(b, args.producers as u32)).await?;
     let per = args.messages / args.producers;
-    let payload = vec![b'x'; args.payload_bytes];
-
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for p in 0..args.producers {
-        let (pool, payload, batch) = (pool.clone(), payload.clone(), args.batch);
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0;
-            while done < per {
-                let n = batch.min(per - done);
-                let (bodies, mut vals) = floor_rows(b, p, n, &payload);
-                let txn = pool.begin().await?;
-                match b {
-                    DbBackend::Postgres => {
-                        vals.push(Value::from(p as i32));
-                        let k = 3 * n + 1;
-                        let sql = format!(
-                            "WITH b AS ({bodies} RETURNING id) \
-                             INSERT INTO bench_floor_ref (producer, body_id) SELECT ${k}, id FROM b"
-                        );
-                        txn.execute_raw(Statement::from_sql_and_values(b, sql, vals))
-                            .await?;
-                    }
-                    DbBackend::MySql => {
-                        let res = txn
-                            .execute_raw(Statement::from_sql_and_values(b, bodies, vals))
-                            .await?;
-                        let first = res.last_insert_id() as i64;
-                        let refs: Vec<Value> = (0..n as i64)
-                            .flat_map(|k| [Value::from(p as i32), Value::from(first + k)])
-                            .collect();
-                        let sql = format!(
-                            "INSERT INTO bench_floor_ref (producer, body_id) VALUES {}",
-                            ph(b, n, 2)
-                        );
-                        txn.execute_raw(Statement::from_sql_and_values(b, sql, refs))
-                            .await?;
-                    }
-                    _ if n == 1 => {
-                        vals.push(Value::from(p as i32));
-                        let sql = format!(
-                            "{bodies}; INSERT INTO bench_floor_ref (producer, body_id) \
-                             VALUES (?, last_insert_rowid())"
-                        );
-                        txn.execute_raw(Statement::from_sql_and_values(b, sql, vals))
-                            .await?;
-                    }
-                    _ => {
-                        let ids = txn
-                            .query_all_raw(Statement::from_sql_and_values(
-                                b,
-                                format!("{bodies} RETURNING id"),
-                                vals,
-                            ))
-                            .await?;
-                        let refs = ids
-                            .iter()
-                            .map(|r| {
-                                r.try_get::<i64>("", "id")
-                                    .map(|id| [Value::from(p as i32), Value::from(id)])
-                            })
-                            .collect::<Result<Vec<_>, _>>()?
-                            .concat();
-                        let sql = format!(
-                            "INSERT INTO bench_floor_ref (producer, body_id) VALUES {}",
-                            ph(b, n, 2)
-                        );
-                        txn.execute_raw(Statement::from_sql_and_values(b, sql, refs))
-                            .await?;
-                    }
+    let payload = Arc::new(vec![b'x'; args.payload_bytes]);
+    let secs = timed_producers(&pool, args, move |txn, p, n| {
+        let payload = payload.clone();
+        async move {
+            let (bodies, mut vals) = floor_rows(b, p, n, &payload);
+            match b {
+                DbBackend::Postgres => {
+                    vals.push(Value::from(p as i32));
+                    let k = 3 * n + 1;
+                    let sql = format!(
+                        "WITH b AS ({bodies} RETURNING id) \
+                     INSERT INTO bench_floor_ref (producer, body_id) SELECT ${k}, id FROM b"
+                    );
+                    txn.execute_raw(Statement::from_sql_and_values(b, sql, vals))
+                        .await?;
                 }
-                txn.commit().await?;
-                done += n;
+                DbBackend::MySql => {
+                    let res = txn
+                        .execute_raw(Statement::from_sql_and_values(b, bodies, vals))
+                        .await?;
+                    let first = res.last_insert_id() as i64;
+                    let refs: Vec<Value> = (0..n as i64)
+                        .flat_map(|k| [Value::from(p as i32), Value::from(first + k)])
+                        .collect();
+                    let sql = format!(
+                        "INSERT INTO bench_floor_ref (producer, body_id) VALUES {}",
+                        ph(b, n, 2)
+                    );
+                    txn.execute_raw(Statement::from_sql_and_values(b, sql, refs))
+                        .await?;
+                }
+                _ if n == 1 => {
+                    vals.push(Value::from(p as i32));
+                    let sql = format!(
+                        "{bodies}; INSERT INTO bench_floor_ref (producer, body_id) \
+                     VALUES (?, last_insert_rowid())"
+                    );
+                    txn.execute_raw(Statement::from_sql_and_values(b, sql, vals))
+                        .await?;
+                }
+                _ => {
+                    let ids = txn
+                        .query_all_raw(Statement::from_sql_and_values(
+                            b,
+                            format!("{bodies} RETURNING id"),
+                            vals,
+                        ))
+                        .await?;
+                    let refs = ids
+                        .iter()
+                        .map(|r| {
+                            r.try_get::<i64>("", "id")
+                                .map(|id| [Value::from(p as i32), Value::from(id)])
+                        })
+                        .collect::<Result<Vec<_>, _>>()?
+                        .concat();
+                    let sql = format!(
+                        "INSERT INTO bench_floor_ref (producer, body_id) VALUES {}",
+                        ph(b, n, 2)
+                    );
+                    txn.execute_raw(Statement::from_sql_and_values(b, sql, refs))
+                        .await?;
+                }
             }
-            Ok::<_, sea_orm::DbErr>(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let secs = start.elapsed().as_secs_f64();
+            Ok(txn)
+        }
+    })
+    .await?;
     let rows = admin
         .query_one_raw(Statement::from_string(
             b,
@@ -311,6 +290,40 @@ async fn two_rows(args: &Args, target: &Target) -> Result<f64, Box<dyn std::erro
     pool.close().await?;
     admin.close().await?;
     Ok(total as f64 / secs)
+}
+
+/// Runs `args.producers` producers at once, each committing `messages / producers` messages
+/// `batch` at a time; `write(txn, producer, n)` sends one transaction's statements. Returns
+/// the seconds until the last commit.
+async fn timed_producers<F, Fut>(
+    pool: &DatabaseConnection,
+    args: &Args,
+    write: F,
+) -> Result<f64, Box<dyn std::error::Error>>
+where
+    F: Fn(DatabaseTransaction, usize, usize) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<DatabaseTransaction, sea_orm::DbErr>> + Send,
+{
+    let per = args.messages / args.producers;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..args.producers {
+        let (pool, batch, write) = (pool.clone(), args.batch, write.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0;
+            while done < per {
+                let n = batch.min(per - done);
+                let txn = write(pool.begin().await?, p, n).await?;
+                txn.commit().await?;
+                done += n;
+            }
+            Ok::<_, sea_orm::DbErr>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// The floor's insert of `n` rows for producer `p`, and its values.
