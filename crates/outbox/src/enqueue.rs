@@ -12,7 +12,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, Transact
 
 use crate::backend::{Dialect, mysql, postgres, query_all, sqlite};
 use crate::error::{OutboxError, Result};
-use crate::message::{MessageId, NewMessage, encode_headers};
+use crate::message::{MessageId, NewMessage};
 
 /// Rows per insert statement (keeps every backend well below its bind-parameter limit); an
 /// insert is also cut at [`crate::backend::MAX_STATEMENT_BYTES`] of payloads and headers.
@@ -213,9 +213,4 @@ pub(crate) fn incoming_statement(
         format!("INSERT INTO modkit_outbox_incoming (partition_id, body_id) VALUES {values}")
     };
     (sql, args)
-}
-
-/// Chooses the headers column value once per message.
-pub(crate) fn resolved_headers(m: &NewMessage) -> Option<String> {
-    encode_headers(&m.headers)
 }

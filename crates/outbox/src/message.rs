@@ -197,7 +197,8 @@ pub(crate) fn validate_payload_type(t: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn validate_headers(h: &Headers) -> Result<()> {
+/// Checks the header rules and returns the headers as stored ([`encode_headers`]), encoded once.
+pub(crate) fn validate_headers(h: &Headers) -> Result<Option<String>> {
     if h.len() > MAX_HEADERS {
         return Err(OutboxError::InvalidHeader {
             name: format!("({} headers)", h.len()),
@@ -221,13 +222,14 @@ pub(crate) fn validate_headers(h: &Headers) -> Result<()> {
             return err("value longer than 8 KiB");
         }
     }
-    if encode_headers(h).map_or(0, |s| s.len()) > MAX_HEADERS_BYTES {
+    let stored = encode_headers(h);
+    if stored.as_ref().map_or(0, String::len) > MAX_HEADERS_BYTES {
         return Err(OutboxError::InvalidHeader {
             name: format!("({} headers)", h.len()),
             reason: "more than 60 KiB once encoded",
         });
     }
-    Ok(())
+    Ok(stored)
 }
 
 /// A failure reason as stored: at most [`MAX_ERROR_TEXT_BYTES`], without NUL characters.

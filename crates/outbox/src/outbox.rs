@@ -202,11 +202,11 @@ impl Outbox {
             });
         }
         validate_payload_type(&m.payload_type)?;
-        validate_headers(&m.headers)?;
+        let headers = validate_headers(&m.headers)?;
         Ok(Resolved {
             msg: m,
             partition_id: q.partition_ids[m.partition as usize],
-            headers: enqueue::resolved_headers(m),
+            headers,
         })
     }
 }
