@@ -66,7 +66,7 @@ pub fn enqueue_statements(b: Backend, msgs: &[NewMessage]) -> Vec<Statement> {
         return vec![d.stmt(sql, args)];
     }
     let mut out = Vec::new();
-    for chunk in resolved.chunks(enqueue::ENQUEUE_CHUNK) {
+    for chunk in enqueue::chunks(&resolved) {
         let token = (d == Dialect::MySql && chunk.len() > 1).then_some(42);
         let (sql, args) = enqueue::bodies_statement(d, chunk, now, token);
         out.push(d.stmt(&sql, args));

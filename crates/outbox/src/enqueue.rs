@@ -68,13 +68,7 @@ pub(crate) async fn insert<C: ConnectionTrait>(
     }
 
     let mut ids = Vec::with_capacity(msgs.len());
-    let chunks = crate::backend::byte_chunks(
-        msgs,
-        ENQUEUE_CHUNK,
-        crate::backend::MAX_STATEMENT_BYTES,
-        |m| m.msg.payload.len() + m.headers.as_ref().map_or(0, String::len),
-    );
-    for chunk in chunks {
+    for chunk in chunks(msgs) {
         let body_ids = insert_bodies(c, d, chunk, now).await?;
         let (sql, args) = incoming_statement(d, chunk, &body_ids, notify);
         if d == Dialect::Postgres && notify {
@@ -85,6 +79,17 @@ pub(crate) async fn insert<C: ConnectionTrait>(
         ids.extend(body_ids);
     }
     Ok(ids)
+}
+
+/// The messages of one enqueue call, split into inserts: at most [`ENQUEUE_CHUNK`] rows and
+/// [`crate::backend::MAX_STATEMENT_BYTES`] of payloads and headers each.
+pub(crate) fn chunks<'a, 'm>(msgs: &'a [Resolved<'m>]) -> Vec<&'a [Resolved<'m>]> {
+    crate::backend::byte_chunks(
+        msgs,
+        ENQUEUE_CHUNK,
+        crate::backend::MAX_STATEMENT_BYTES,
+        |m| m.msg.payload.len() + m.headers.as_ref().map_or(0, String::len),
+    )
 }
 
 async fn insert_bodies<C: ConnectionTrait>(

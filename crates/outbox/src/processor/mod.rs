@@ -473,7 +473,20 @@ fn next_after_ack(a: &Applied<'_>, high: i64) -> Step {
 
 /// Shortest wait before a transactional step looks at a pending retry again (its time may
 /// pass between locking the row and checking it; never a busy loop).
-pub(super) const RETRY_RECHECK: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
+const RETRY_RECHECK: chrono::TimeDelta = chrono::TimeDelta::milliseconds(5);
+
+/// When a transactional step must not deliver because of a pending retry: its time has not
+/// come, or no batch was read (the read skips a partition whose retry is not due when its row
+/// is locked, even if it is due by now). Then look again at `retry_at`, never sooner than
+/// [`RETRY_RECHECK`].
+pub(super) fn retry_wait(
+    retry_at: Option<DateTime<Utc>>,
+    batch_read: bool,
+    now: DateTime<Utc>,
+) -> Option<Step> {
+    let t = retry_at?;
+    (t > now || !batch_read).then(|| at(t.max(now + RETRY_RECHECK), false))
+}
 
 fn at(t: DateTime<Utc>, interruptible: bool) -> Step {
     let delta = (t - Utc::now()).to_std().unwrap_or(Duration::ZERO);

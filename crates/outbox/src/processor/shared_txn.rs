@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 
 use super::coalesce::{Coalescer, Shared};
 use super::transactional::{FirstTry, Locked, TxnHandler, first_try, lock_and_fetch};
-use super::{CursorMove, RETRY_RECHECK, Step, at, cursor_moves};
+use super::{CursorMove, Step, at, cursor_moves, retry_wait};
 use crate::backend::{Dialect, execute};
 use crate::error::Result;
 use crate::handler::HandlerResult;
@@ -129,12 +129,8 @@ async fn shared_step(inner: &Inner, reqs: &[TxnReq]) -> Result<Vec<TxnRes>> {
                 return Err(e);
             }
         };
-        // A pending retry with no batch read: its time had not come when the rows were locked
-        // (the read skips such partitions), even if it has by now: look again at `t`.
-        if let Some(t) = locked.retry_at
-            && (t > now || locked.msgs.is_empty())
-        {
-            out[i] = Some(TxnRes::Done(at(t.max(now + RETRY_RECHECK), false)));
+        if let Some(wait) = retry_wait(locked.retry_at, !locked.msgs.is_empty(), now) {
+            out[i] = Some(TxnRes::Done(wait));
         } else if locked.msgs.is_empty() {
             out[i] = Some(TxnRes::Done(Step::Idle));
         } else {

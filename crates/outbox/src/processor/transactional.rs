@@ -294,14 +294,9 @@ impl Partition {
                 true,
             )));
         };
-        // A pending retry with no batch read: its time had not come when the row was locked
-        // (the read skips such partitions), even if it has by now: look again at `t`.
-        if let Some(t) = retry_at
-            && (t > Utc::now() || msgs.is_empty())
-        {
+        if let Some(wait) = super::retry_wait(retry_at, !msgs.is_empty(), Utc::now()) {
             w.rollback().await?;
-            let soonest = Utc::now() + super::RETRY_RECHECK;
-            return Ok(Tried::Done(at(t.max(soonest), false)));
+            return Ok(Tried::Done(wait));
         }
         if msgs.is_empty() {
             w.rollback().await?;
