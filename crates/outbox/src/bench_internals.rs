@@ -85,14 +85,7 @@ pub fn ack_statement(b: Backend, partitions: usize) -> Statement {
     let moves: Vec<crate::processor::CursorMove> = (1..=partitions as i64)
         .map(|p| (p, 100 * p, 100 * p + 10))
         .collect();
-    let (mut sql, args) =
-        crate::processor::cursor_moves(d, &moves, Some((d.time(Utc::now()), "bench-1")));
-    if d == Dialect::Postgres {
-        sql.push_str(postgres::ASYNC_COMMIT_CONDITION);
-    }
-    if d != Dialect::MySql {
-        sql.push_str(" RETURNING partition_id");
-    }
+    let (sql, args) = crate::processor::coalesce::ack_sql(d, &moves, Utc::now(), "bench-1");
     d.stmt(&sql, args)
 }
 

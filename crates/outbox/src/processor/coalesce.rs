@@ -214,6 +214,26 @@ async fn ack_many(inner: &Inner, reqs: &[AckReq]) -> Vec<AckRes> {
     }
 }
 
+/// The coalesced leased ack: every cursor move under our lease, extended to `until`; on
+/// PostgreSQL committed without a WAL flush, and returning the partitions it applied to where
+/// the backend can (not MySQL).
+pub(crate) fn ack_sql(
+    d: Dialect,
+    moves: &[super::CursorMove],
+    until: DateTime<Utc>,
+    me: &str,
+) -> (String, Vec<Value>) {
+    let (mut sql, args) = super::cursor_moves(d, moves, Some((d.time(until), me)));
+    if d == Dialect::Postgres {
+        // A lost leased ack only means a redelivery: skip the WAL flush.
+        sql.push_str(postgres::ASYNC_COMMIT_CONDITION);
+    }
+    if d != Dialect::MySql {
+        sql.push_str(" RETURNING partition_id");
+    }
+    (sql, args)
+}
+
 async fn ack_statement(
     inner: &Inner,
     reqs: &[AckReq],
@@ -228,21 +248,14 @@ async fn ack_statement(
         .iter()
         .map(|r| (r.partition_id, r.from, r.to))
         .collect();
-    let (mut sql, args) = super::cursor_moves(d, &moves, Some((d.time(until), me)));
-    if d == Dialect::Postgres {
-        // A lost leased ack only means a redelivery: skip the WAL flush.
-        sql.push_str(postgres::ASYNC_COMMIT_CONDITION);
-    }
+    let (sql, args) = ack_sql(d, &moves, until, me);
     let _gate = db.write_gate().await;
     let applied = match d {
-        Dialect::Postgres | Dialect::Sqlite => {
-            sql.push_str(" RETURNING partition_id");
-            query_all(&db.conn, d, &sql, args)
-                .await?
-                .iter()
-                .map(|r| r.try_get::<i64>("", "partition_id"))
-                .collect::<std::result::Result<Vec<_>, _>>()?
-        }
+        Dialect::Postgres | Dialect::Sqlite => query_all(&db.conn, d, &sql, args)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64>("", "partition_id"))
+            .collect::<std::result::Result<Vec<_>, _>>()?,
         Dialect::MySql => {
             let n = execute(&db.conn, d, &sql, args).await?;
             if n == reqs.len() as u64 {

@@ -379,7 +379,7 @@ pub(crate) type CursorMove = (i64, i64, i64);
 /// (attempts and errors reset). `lease`: also write `locked_until` and require the holder
 /// (leased acks). Used by the coalesced ack and the shared transactional step. On PostgreSQL
 /// the moves are three arrays joined through `unnest` (one statement text for any number).
-pub(crate) fn cursor_moves(
+fn cursor_moves(
     d: Dialect,
     moves: &[CursorMove],
     lease: Option<(Value, &str)>,
